@@ -1,0 +1,14 @@
+# The two commands a fresh machine needs (see README): `make run` and `make test`.
+.PHONY: setup run test bench
+
+setup:
+	scripts/setup.sh
+
+run: setup
+	.venv/bin/personaplex-agent serve --config configs/demo.yaml
+
+test: setup
+	scripts/run_tests.sh
+
+bench: setup
+	.venv/bin/python scripts/bench_engine.py

@@ -1,0 +1,110 @@
+"""`personaplex-agent` command line: offline evaluation, personas tools, the server."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import structlog
+
+from agent.errors import AgentError
+from agent.logging_setup import configure_logging
+
+log = structlog.get_logger(__name__)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model-dir", type=Path, help="local model directory (same layout as the HF repo)")
+    g.add_argument("--hf-repo", default=None, help="Hugging Face repo (default nvidia/personaplex-7b-v1; needs HF_TOKEN)")
+    g.add_argument("--demo-model", action="store_true", help="use the built-in tiny demo model (no weights needed)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--cpu-offload", action="store_true", help="keep LM layers in host memory (needs accelerate)")
+
+
+def open_model(args: argparse.Namespace):
+    from agent.model_files import DEFAULT_HF_REPO, resolve_model_files
+    from agent.model_loader import load_model
+
+    if getattr(args, "demo_model", False):
+        from agent.demo_model import demo_model_dir
+
+        files = resolve_model_files(demo_model_dir())
+    else:
+        files = resolve_model_files(args.model_dir, args.hf_repo or DEFAULT_HF_REPO)
+    return load_model(files, device=args.device, cpu_offload=args.cpu_offload)
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temp-audio", type=float, default=0.8)
+    g.add_argument("--temp-text", type=float, default=0.7)
+    g.add_argument("--topk-audio", type=int, default=250)
+    g.add_argument("--topk-text", type=int, default=25)
+    g.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+
+
+def cmd_offline(args: argparse.Namespace) -> int:
+    from agent.offline import offline_files
+    from agent.sampling import SamplingParams
+
+    model = open_model(args)
+    sampling = SamplingParams(greedy=args.greedy, temp_audio=args.temp_audio, temp_text=args.temp_text,
+                              topk_audio=args.topk_audio, topk_text=args.topk_text)
+    seed = None if args.seed is None or args.seed < 0 else args.seed
+    offline_files(model, args.input_wav, args.output_wav, args.output_text, args.voice_prompt, args.text_prompt,
+                  sampling, seed, tokens_out=args.tokens_out, progress=sys.stderr.isatty())
+    return 0
+
+
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    from agent.demo_model import demo_model_dir
+
+    sys.stdout.write(f"{demo_model_dir()}\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="personaplex-agent", description=__doc__)
+    p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    p.add_argument("--log-level", default="info")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    off = sub.add_parser("offline", help="run the model over a wav file (wav in, wav + text out)")
+    _add_model_args(off)
+    _sampling_args(off)
+    off.add_argument("--voice-prompt", required=True, help="voice name (NATF2, NATF2.pt) or a .pt/.wav path")
+    off.add_argument("--text-prompt", default="You are a wise and friendly teacher. Answer questions or provide "
+                     "advice in a clear and engaging way.")
+    off.add_argument("--input-wav", required=True, type=Path)
+    off.add_argument("--output-wav", required=True, type=Path)
+    off.add_argument("--output-text", type=Path, help="JSON list of text pieces, one per frame")
+    off.add_argument("--tokens-out", type=Path, help="npy of output tokens [frames, 17]")
+    off.set_defaults(func=cmd_offline)
+
+    dm = sub.add_parser("demo-model", help="build (if needed) the tiny demo model and print its folder")
+    dm.set_defaults(func=cmd_demo_model)
+
+    from agent import cli_extra
+
+    cli_extra.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_format, args.log_level)
+    try:
+        return int(args.func(args) or 0)
+    except AgentError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

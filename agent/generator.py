@@ -1,0 +1,236 @@
+"""Batched, full-duplex PersonaPlex token generation on moshi's `LMModel`.
+
+Call slots are rows of one batch stepped together (one transformer forward per 80 ms frame for
+all calls). Each row has its own position: a slot can run its prompt phase while its neighbours
+talk, be freed, and be reused, without changing what the other rows produce.
+
+Timing. Step `o` of a slot feeds token column `o` to the transformer and predicts column `o+1`.
+A live step writes the caller's codes for the current frame into column `o` (codebook 0) and
+`o+1` (delayed codebooks) *before* feeding column `o`, so the caller's frame is consumed in the
+step it arrives (as upstream moshi's `LMGen` does). The PersonaPlex reference consumes it one step
+later; the conditional structure is the same, so live output `i` here equals the reference's live
+output `i+1`, and the last prompt step here emits the reference's first live output.
+
+During the prompt phase all of column `o+1` is forced (`PromptSchedule.items`), so the
+depformer is skipped unless some row needs sampling.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from agent.prompt import NUM_STREAMS, PromptSchedule
+from agent.sampling import SamplingParams, StepNoise, draw_noise, sample_rows
+
+AGENT = slice(1, 9)
+CALLER = slice(9, 17)
+RING = 4  # token ring length: the reference's cache layout (voice files store a ring of 4)
+
+
+class Phase(enum.Enum):
+    FREE = "free"
+    PROMPT = "prompt"
+    LIVE = "live"
+
+
+@dataclass
+class SlotState:
+    phase: Phase = Phase.FREE
+    offset: int = 0  # column fed at this slot's next step
+    schedule: PromptSchedule | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    rng: torch.Generator | None = None
+
+
+@dataclass
+class StepOutput:
+    """Tokens of the frame each slot completed in this step, [B, 17] on CPU.
+
+    `emitting` lists the rows whose frame is conversation output: live rows and rows that just
+    finished their prompt phase (their frame is the call's first). `finished_prompt` lists the
+    latter.
+    """
+
+    tokens: torch.Tensor
+    emitting: list[int]
+    finished_prompt: list[int]
+
+
+class TokenGenerator:
+    def __init__(self, lm: torch.nn.Module, batch_size: int):
+        self.lm = lm
+        self.batch_size = batch_size
+        self.device = lm.device
+        delays = list(lm.delays)
+        if len(delays) != NUM_STREAMS or max(delays) > RING - 3:
+            raise ValueError(f"unsupported delays {delays}")
+        self.delays = torch.tensor(delays, device=self.device, dtype=torch.long)
+        self.initial = lm._get_initial_token()[0, :, 0].to(self.device)  # [17]
+        B = batch_size
+        self.cache = torch.full((B, NUM_STREAMS, RING), lm.ungenerated_token_id, dtype=torch.long,
+                                device=self.device)
+        self.provided = torch.zeros((B, NUM_STREAMS, RING), dtype=torch.bool, device=self.device)
+        self.slots = [SlotState() for _ in range(B)]
+        self._exec_mask: torch.Tensor | None = None
+        self.text_card = int(lm.text_card)
+        self.card = int(lm.card)
+        self._streaming = lm.streaming(B)
+
+    def close(self) -> None:
+        """Leave streaming mode so the model can serve another generator."""
+        self._streaming.close()
+
+    # -- slot lifecycle -------------------------------------------------------------------
+    def free_rows(self) -> list[int]:
+        return [b for b, s in enumerate(self.slots) if s.phase is Phase.FREE]
+
+    def start(self, row: int, schedule: PromptSchedule, sampling: SamplingParams,
+              seed: int | None = None) -> None:
+        """Begin a call in `row`: reset its model state and queue its prompt phase."""
+        if self.slots[row].phase is not Phase.FREE:
+            raise RuntimeError(f"slot {row} is busy")
+        mask = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
+        mask[row] = True
+        self.lm.reset_streaming(mask)
+        self._exec_mask = None
+        self.cache[row] = self.lm.ungenerated_token_id
+        self.provided[row] = False
+        # Columns before a stream's delay has elapsed hold its initial token (forced).
+        for k, d in enumerate(self.delays.tolist()):
+            for c in range(d + 1):
+                self.cache[row, k, c] = self.initial[k]
+                self.provided[row, k, c] = True
+        rng = None
+        if not sampling.greedy:
+            rng = torch.Generator(device=self.device)
+            rng.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+        self.slots[row] = SlotState(Phase.PROMPT, 0, schedule, sampling, rng)
+
+    def free(self, row: int) -> None:
+        self.slots[row] = SlotState()
+        self._exec_mask = None
+
+    # -- stepping -------------------------------------------------------------------------
+    def _sync_exec_mask(self) -> torch.Tensor:
+        mask = torch.tensor([s.phase is not Phase.FREE for s in self.slots], device=self.device)
+        if self._exec_mask is None or not torch.equal(mask, self._exec_mask):
+            self.lm.set_exec_mask(mask)
+            self._exec_mask = mask
+        return mask
+
+    def _embed(self, columns: torch.Tensor) -> torch.Tensor:
+        """Sum of token embeddings, in `LMModel.forward_text`'s order (bit-exactness)."""
+        lm = self.lm
+        x = None
+        for cb in range(lm.num_audio_codebooks):
+            e = lm.emb[cb](columns[:, cb + lm.audio_offset])
+            x = e if x is None else x + e
+        t = lm.text_emb(columns[:, 0])
+        return t if x is None else x + t
+
+    @torch.no_grad()
+    def step(self, caller_codes: dict[int, torch.Tensor]) -> StepOutput:
+        """Advance every busy slot by one frame. `caller_codes[row]` ([8]) is needed for live rows."""
+        B, dev, lm = self.batch_size, self.device, self.lm
+        active = self._sync_exec_mask()
+        offsets_l = [s.offset for s in self.slots]
+        offsets = torch.tensor(offsets_l, device=dev)
+
+        # 1. Forced tokens: prompt items (column o+1) and the caller's codes (column o).
+        writes = torch.full((B, NUM_STREAMS), -1, dtype=torch.long)
+        base = list(offsets_l)
+        embed_rows: list[tuple[int, torch.Tensor]] = []
+        for b, s in enumerate(self.slots):
+            if s.phase is Phase.PROMPT:
+                sch = s.schedule
+                assert sch is not None
+                if s.offset + 1 < sch.steps:
+                    writes[b] = sch.items[s.offset + 1]
+                    base[b] = s.offset + 1
+                if s.offset < sch.num_embeddings:
+                    embed_rows.append((b, sch.embeddings[s.offset]))
+            elif s.phase is Phase.LIVE:
+                writes[b, CALLER] = caller_codes[b].to(torch.long).cpu()
+        writes = writes.to(dev)
+        pos = (torch.tensor(base, device=dev)[:, None] + self.delays[None, :]) % RING  # [B, 17]
+        wmask = writes >= 0
+        old = self.cache.gather(2, pos[..., None])[..., 0]
+        self.cache.scatter_(2, pos[..., None], torch.where(wmask, writes, old)[..., None])
+        oldp = self.provided.gather(2, pos[..., None])[..., 0]
+        self.provided.scatter_(2, pos[..., None], (oldp | wmask)[..., None])
+
+        # 2. Feed column o (initial tokens where the delay has not elapsed, and on free rows).
+        fed = (offsets % RING)
+        column = self.cache.gather(2, fed[:, None, None].expand(B, NUM_STREAMS, 1))[..., 0]
+        is_init = (offsets[:, None] <= self.delays[None, :]) | ~active[:, None]
+        column = torch.where(is_init, self.initial[None, :], column)
+        x = self._embed(column[:, :, None])  # [B, 1, dim]
+        for b, emb in embed_rows:
+            x[b, 0] = emb.to(device=dev, dtype=x.dtype)
+        out = lm.transformer(x)
+        if lm.out_norm is not None:
+            out = lm.out_norm(out)
+        text_logits = lm.text_linear(out)[:, 0]  # [B, text_card]
+
+        # 3. Sample column o+1 where it is not forced.
+        tgt_pos = ((offsets + 1) % RING)[:, None, None].expand(B, NUM_STREAMS, 1)
+        target = self.cache.gather(2, tgt_pos)[..., 0]
+        forced = self.provided.gather(2, tgt_pos)[..., 0]
+        rows = [b for b, s in enumerate(self.slots) if s.phase is not Phase.FREE]
+        noise: dict[int, StepNoise] = {
+            b: draw_noise(self.slots[b].rng, self.slots[b].sampling, self.text_card, self.card, dev)
+            for b in rows}
+        text = sample_rows(text_logits, rows, [self.slots[b].sampling.temp_text for b in rows],
+                           [self.slots[b].sampling.topk_text for b in rows],
+                           [None if noise[b].text is None else noise[b].text[0] for b in rows])
+        text = torch.where(forced[:, 0], target[:, 0], text)
+        needs_depformer = bool((~forced[:, AGENT] & active[:, None]).any())
+        agent = target[:, AGENT].clone()
+        if needs_depformer:
+            prev = text
+            with lm.depformer.streaming(B):
+                for cb in range(lm.dep_q):
+                    logits = lm.forward_depformer(cb, prev[:, None, None], out)[:, 0, 0]
+                    tok = sample_rows(logits, rows, [self.slots[b].sampling.temp_audio for b in rows],
+                                      [self.slots[b].sampling.topk_audio for b in rows],
+                                      [None if noise[b].audio is None else noise[b].audio[cb] for b in rows])
+                    tok = torch.where(forced[:, 1 + cb], target[:, 1 + cb], tok)
+                    agent[:, cb] = tok
+                    prev = tok
+
+        # 4. Commit: fed column is consumed, column o+1 gets text + agent audio.
+        act3 = active[:, None]
+        self.provided.scatter_(2, fed[:, None, None].expand(B, NUM_STREAMS, 1),
+                               (self.provided.gather(2, fed[:, None, None].expand(B, NUM_STREAMS, 1))[..., 0]
+                                & ~act3)[..., None])
+        new = target.clone()
+        new[:, 0] = text
+        new[:, AGENT] = agent
+        new = torch.where(act3, new, target)
+        self.cache.scatter_(2, tgt_pos, new[..., None])
+
+        # 5. The frame completed by this step: text/codebook-0 in column o, delayed ones in o+1.
+        frame = self.cache.gather(2, ((offsets[:, None] + self.delays[None, :]) % RING)[..., None])[..., 0]
+
+        emitting, finished = [], []
+        for b, s in enumerate(self.slots):
+            if s.phase is Phase.FREE:
+                continue
+            s.offset += 1
+            if s.phase is Phase.LIVE:
+                emitting.append(b)
+            else:
+                sch = s.schedule
+                assert sch is not None
+                if sch.restore_cache is not None and s.offset == sch.num_embeddings:
+                    self.cache[b] = sch.restore_cache.to(dev)
+                    self.provided[b] = True
+                if s.offset == sch.steps:
+                    s.phase = Phase.LIVE
+                    emitting.append(b)
+                    finished.append(b)
+        return StepOutput(tokens=frame.cpu(), emitting=emitting, finished_prompt=finished)

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One-shot, idempotent set-up for a fresh machine: Python virtualenv with a CPU torch,
+# Kyutai's moshi (installed --no-deps: it pins an old torch), this project, and the Debian
+# packages the endpoints and their tests need. Re-running is cheap: each stage is skipped
+# when its inputs have not changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+VENV=${VENV:-$ROOT/.venv}
+PY=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+MOSHI_SPEC=${MOSHI_SPEC:-moshi==0.2.13}
+STAMP_DIR=$VENV/.stamps
+log() { echo "[setup] $*" >&2; }
+
+# --- Debian packages (endpoints, test peers, test signals) -------------------------------
+DEB_PKGS=(sip-tester chromium espeak-ng sox libopus0 libsamplerate0 libsrtp2-1)
+if [ "${SKIP_APT:-0}" != 1 ]; then
+  missing=()
+  for p in "${DEB_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; else SUDO=""; fi
+    if [ "$(id -u)" = 0 ] || [ -n "$SUDO" ]; then
+      log "installing Debian packages: ${missing[*]}"
+      $SUDO apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    else
+      log "WARNING: missing Debian packages (${missing[*]}) and no root: tests that need them will skip"
+    fi
+  fi
+fi
+
+# --- Python virtualenv ---------------------------------------------------------------------
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating virtualenv $VENV"
+  "$PY" -m venv "$VENV"
+fi
+mkdir -p "$STAMP_DIR"
+PIP="$VENV/bin/python -m pip"
+
+want="$TORCH_SPEC $MOSHI_SPEC"
+if [ "$(cat "$STAMP_DIR/base" 2>/dev/null)" != "$want" ]; then
+  # torch first and alone, so that nothing later can pull a different (CUDA) build.
+  log "installing $TORCH_SPEC"
+  $PIP install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
+  log "installing $MOSHI_SPEC (--no-deps: it pins torch<2.10)"
+  $PIP install -q --no-deps "$MOSHI_SPEC"
+  echo "$want" > "$STAMP_DIR/base"
+fi
+
+proj_hash=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$STAMP_DIR/project" 2>/dev/null)" != "$proj_hash" ]; then
+  log "installing the project and its test tools"
+  # The constraint keeps pip from replacing the torch installed above.
+  tv=$("$VENV/bin/python" -c 'import torch; print(torch.__version__)')
+  echo "torch==$tv" > "$STAMP_DIR/constraints.txt"
+  $PIP install -q -c "$STAMP_DIR/constraints.txt" -e ".[test]"
+  echo "$proj_hash" > "$STAMP_DIR/project"
+fi
+
+# --- pjsua2 (SIP endpoint): built from Debian's pjproject source, cached -------------------
+if [ "${SKIP_PJSUA2:-0}" != 1 ] && [ -x scripts/build_pjsua2.sh ]; then
+  scripts/build_pjsua2.sh "$VENV" || log "WARNING: pjsua2 build failed; SIP endpoint and its tests are unavailable"
+fi
+log "ready: $VENV"
