@@ -28,7 +28,9 @@ def read_audio(path: str | Path, sample_rate: int) -> np.ndarray:
     if pcm.shape[0] > 1:
         pcm = pcm.mean(axis=0, keepdims=True)
     if sr != sample_rate:
-        pcm = sphn.resample(pcm, src_sample_rate=sr, dst_sample_rate=sample_rate)
+        # the resampler pads its tail; keep exactly the input's duration
+        n_out = int(round(pcm.shape[-1] * sample_rate / sr))
+        pcm = sphn.resample(pcm, src_sample_rate=sr, dst_sample_rate=sample_rate)[..., :n_out]
     return np.ascontiguousarray(pcm[0], dtype=np.float32)
 
 

@@ -12,8 +12,21 @@ import sys
 import structlog
 
 
+class _Stderr:
+    """Resolves sys.stderr at each write, so a replaced stderr (tests, daemons) is honoured."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def configure_logging(fmt: str = "auto", level: str = "info", stream=None) -> None:
-    stream = stream or sys.stderr
+    stream = stream or _Stderr()
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"
     lvl = getattr(logging, level.upper(), logging.INFO)
@@ -33,7 +46,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream=None) -> No
         cache_logger_on_first_use=False,
     )
     # Third-party libraries (aiohttp, aiortc, huggingface_hub) log through stdlib logging.
-    logging.basicConfig(stream=stream, level=max(lvl, logging.WARNING),
+    logging.basicConfig(stream=sys.stderr, level=max(lvl, logging.WARNING),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("huggingface_hub", "aioice", "aiortc"):
         logging.getLogger(noisy).setLevel(max(lvl, logging.ERROR))

@@ -1,0 +1,143 @@
+"""Model files, voices and input handling: clear errors, safe loading, deterministic demo model."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from agent.errors import BadInput, ModelUnavailable, VoiceNotFound
+from agent.model_files import hub_model_files, local_model_files
+from agent.voices import STOCK_VOICES, load_voice_pt, resolve_voice
+
+
+def test_demo_model_is_deterministic_and_complete(demo_dir, tmp_path):
+    from agent.demo_model import demo_model_dir
+
+    other = demo_model_dir(tmp_path / "again")
+
+    def digest(root):
+        return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file()}
+
+    assert digest(demo_dir) == digest(other)
+    assert sorted(p.stem for p in (demo_dir / "voices").glob("*.pt")) == sorted(STOCK_VOICES)
+
+
+def test_voice_names_are_never_paths(demo_dir):
+    voices = demo_dir / "voices"
+    assert resolve_voice("NATF2", voices) == voices / "NATF2.pt"
+    assert resolve_voice("NATF2.pt", voices) == voices / "NATF2.pt"
+    for hostile in ("../voices/NATF2", "/etc/passwd", "NATF2/../../x", "..", "", "NA TF2"):
+        with pytest.raises(VoiceNotFound):
+            resolve_voice(hostile, voices)
+    with pytest.raises(VoiceNotFound, match="available voices: NATF0, NATF1"):
+        resolve_voice("NATF9", voices)
+
+
+def test_voice_pt_is_loaded_without_unpickling_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("import os; os.environ['PWNED'] = '1'",))
+
+    bad = tmp_path / "EVIL.pt"
+    with open(bad, "wb") as fh:
+        pickle.dump({"embeddings": Evil(), "cache": torch.zeros(1, 17, 4)}, fh)
+    with pytest.raises(BadInput):
+        load_voice_pt(bad)
+    import os
+
+    assert "PWNED" not in os.environ
+
+
+def test_missing_model_files_are_named(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelUnavailable, match="missing tokenizer-e351c8d8-checkpoint125.safetensors, "
+                                               "tokenizer_spm_32k_3.model"):
+        local_model_files(tmp_path)
+    with pytest.raises(ModelUnavailable, match="not a directory"):
+        local_model_files(tmp_path / "nope")
+
+
+def test_hub_without_network_says_so_quickly(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ModelUnavailable, match="Cannot reach the Hugging Face Hub"):
+        hub_model_files("nvidia/personaplex-7b-v1")
+
+
+def test_hub_error_messages(monkeypatch):
+    from huggingface_hub import errors as hf_errors
+
+    from agent.model_files import _hf_error_message
+
+    class Resp:
+        status_code = 401
+        headers = {}
+        request = None
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    gated = hf_errors.GatedRepoError.__new__(hf_errors.GatedRepoError)
+    assert "licence" in _hf_error_message("nvidia/personaplex-7b-v1", gated)
+    missing = hf_errors.RepositoryNotFoundError.__new__(hf_errors.RepositoryNotFoundError)
+    missing.response = Resp()
+    assert "set HF_TOKEN" in _hf_error_message("nvidia/personaplex-7b-v1", missing)
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    assert "refused HF_TOKEN" in _hf_error_message("nvidia/personaplex-7b-v1", missing)
+
+
+def test_offline_accepts_any_rate_and_channels(demo_dir, tmp_path):
+    import sphn
+
+    from agent.cli import main
+
+    stereo = np.stack([np.sin(np.arange(44100) / 10), np.cos(np.arange(44100) / 7)]).astype(np.float32) * 0.3
+    sphn.write_wav(str(tmp_path / "in.wav"), stereo, 44100)
+    rc = main(["offline", "--model-dir", str(demo_dir), "--device", "cpu", "--voice-prompt", "NATM1",
+               "--input-wav", str(tmp_path / "in.wav"), "--output-wav", str(tmp_path / "out.wav"), "--seed", "3"])
+    assert rc == 0
+    out, sr = sphn.read(str(tmp_path / "out.wav"))
+    assert sr == 24000 and out.shape == (1, 24000)
+
+
+def test_offline_bad_inputs_get_one_line(demo_dir, tmp_path, capsys):
+    from agent.cli import main
+
+    (tmp_path / "empty.wav").write_bytes(b"")
+    (tmp_path / "junk.wav").write_bytes(b"RIFF\x00junkjunkjunk")
+    for name, msg in (("empty.wav", "cannot read audio"), ("junk.wav", "cannot read audio"),
+                      ("missing.wav", "does not exist")):
+        rc = main(["offline", "--model-dir", str(demo_dir), "--device", "cpu", "--voice-prompt", "NATM1",
+                   "--input-wav", str(tmp_path / name), "--output-wav", str(tmp_path / "o.wav")])
+        assert rc == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err
+
+
+def test_custom_wav_voice_equals_its_recorded_pt(demo_model, tmp_path):
+    """A custom voice given as a wav (encoded each time) and its recorded .pt replay identically."""
+    import sphn
+
+    from agent.engine import Engine
+    from agent.sampling import SamplingParams
+    from agent.voice_record import record_voice_prompt, save_voice_pt
+    from tests.conftest import speechlike
+
+    wav = tmp_path / "me.wav"
+    sphn.write_wav(str(wav), speechlike(1.5, 9), 24000)
+    with Engine(demo_model, 1) as eng:
+        voice = eng.voice(str(wav), allow_paths=True)
+        assert voice.codes is not None and voice.codes.shape == (19, 8)
+        with pytest.raises(VoiceNotFound):
+            eng.voice(str(wav))  # paths only from trusted config
+    save_voice_pt(record_voice_prompt(demo_model.lm, voice.codes, "me"), tmp_path / "me.pt")
+    outs = []
+    for spec in (str(wav), str(tmp_path / "me.pt")):
+        with Engine(demo_model, 1) as eng:
+            eng.start(0, eng.schedule(spec, "Hello there.", allow_voice_paths=True), SamplingParams(greedy=True))
+            o = [eng.run_prompt(0)] + [eng.step({0: speechlike(0.08, k)})[0] for k in range(6)]
+            outs.append(np.stack([x.tokens for x in o]))
+    np.testing.assert_array_equal(outs[0], outs[1])
