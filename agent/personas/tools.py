@@ -1,0 +1,57 @@
+"""What the personas CLI and the server share: finding a tokenizer and the prompt-length rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from agent.personas.schema import Persona
+from agent.prompt import SILENCE_FRAMES, tokenize_prompt
+
+
+def find_tokenizer(model_dir: Path | None):
+    """The text tokenizer of `model_dir`, else of the 7B model if it is in the local HF cache."""
+    import sentencepiece
+
+    from agent.model_files import DEFAULT_HF_REPO, TEXT_TOKENIZER_FILE
+
+    path = None
+    if model_dir is not None and (Path(model_dir) / TEXT_TOKENIZER_FILE).exists():
+        path = Path(model_dir) / TEXT_TOKENIZER_FILE
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(DEFAULT_HF_REPO, TEXT_TOKENIZER_FILE, local_files_only=True))
+        except Exception:
+            return None
+    return sentencepiece.SentencePieceProcessor(model_file=str(path))
+
+
+def voice_steps(voices_dir: Path | None, voice: str) -> int:
+    """Prompt steps a voice takes (0 when unknown)."""
+    candidates = [Path(voice)] if ("/" in voice or voice.endswith(".wav")) else (
+        [voices_dir / f"{voice}.pt"] if voices_dir else [])
+    for p in candidates:
+        if p.suffix == ".pt" and p.is_file():
+            try:
+                return int(torch.load(p, map_location="cpu", weights_only=True)["embeddings"].shape[0]) + 1
+            except Exception:
+                return 0
+    return 0
+
+
+def make_prompt_limit(tokenizer, context: int, voices_dir: Path | None):
+    """A `PromptLimit` for the registry: (tokens, allowed tokens) of a persona's prompt."""
+    if tokenizer is None:
+        return None
+    cache: dict[str, int] = {}
+
+    def limit(p: Persona) -> tuple[int, int]:
+        if p.voice not in cache:
+            cache[p.voice] = voice_steps(voices_dir, p.voice)
+        tokens = len(tokenize_prompt(tokenizer, p.prompt))
+        return tokens, context - 1 - 2 * SILENCE_FRAMES - cache[p.voice]
+
+    return limit
