@@ -15,7 +15,7 @@ import structlog
 import torch
 
 from agent.codec import BatchedCodec
-from agent.generator import AGENT, CALLER, Phase, TokenGenerator
+from agent.generator import AGENT, CALLER, GeneratorSnapshot, Phase, TokenGenerator
 from agent.model_loader import LoadedModel
 from agent.prompt import PromptSchedule, build_schedule, tokenize_prompt
 from agent.sampling import SamplingParams
@@ -105,8 +105,20 @@ class Engine:
         return self.generator.free_rows()
 
     def start(self, slot: int, schedule: PromptSchedule, sampling: SamplingParams | None = None,
-              seed: int | None = None) -> None:
-        self.generator.start(slot, schedule, sampling or self.default_sampling, seed)
+              seed: int | None = None, hold_before_last: bool = False) -> None:
+        self.generator.start(slot, schedule, sampling or self.default_sampling, seed, hold_before_last)
+
+    def held(self, slot: int) -> bool:
+        return self.generator.held(slot)
+
+    def capture(self, slot: int) -> GeneratorSnapshot:
+        """Snapshot of a slot held just before its final prompt step (see `start(hold_before_last)`)."""
+        return self.generator.capture(slot)
+
+    def restore(self, slot: int, snap: GeneratorSnapshot, sampling: SamplingParams | None = None,
+                seed: int | None = None) -> None:
+        """Start a call from a snapshot; its first frame comes out of the next step."""
+        self.generator.restore(slot, snap, sampling or self.default_sampling, seed)
 
     def release(self, slot: int) -> None:
         self.generator.free(slot)
@@ -119,10 +131,13 @@ class Engine:
 
     # -- the frame ----------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, caller_pcm: dict[int, np.ndarray]) -> dict[int, FrameOut]:
-        """One 80 ms frame for all busy slots. Live slots missing from `caller_pcm` hear silence."""
+    def step(self, caller_pcm: dict[int, np.ndarray], only: set[int] | None = None) -> dict[int, FrameOut]:
+        """One 80 ms frame for all busy slots (or those in `only`).
+
+        Live slots missing from `caller_pcm` hear silence this frame.
+        """
         B, F = self.max_slots, self.frame_size
-        live = [b for b, s in enumerate(self.generator.slots) if s.phase is Phase.LIVE]
+        live = [b for b in self.generator.stepping_rows(only) if self.generator.slots[b].phase is Phase.LIVE]
         codes: dict[int, torch.Tensor] = {}
         if live:
             pcm = torch.zeros(B, F)
@@ -134,7 +149,7 @@ class Engine:
             mask[live] = True
             enc = self.codec.encode(pcm, mask)
             codes = {b: enc[b] for b in live}
-        out = self.generator.step(codes)
+        out = self.generator.step(codes, only)
         if out.finished_prompt:
             # The reference resets Mimi after the prompt phase; the call's audio starts here.
             self.codec.reset(out.finished_prompt)

@@ -25,6 +25,7 @@ import torch
 
 from agent.prompt import NUM_STREAMS, PromptSchedule
 from agent.sampling import SamplingParams, StepNoise, draw_noise, sample_rows
+from agent.slot_state import RowState, capture_row, restore_row
 
 AGENT = slice(1, 9)
 CALLER = slice(9, 17)
@@ -44,6 +45,20 @@ class SlotState:
     schedule: PromptSchedule | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     rng: torch.Generator | None = None
+    hold_before_last: bool = False  # stop before the final prompt step (snapshot building)
+
+
+@dataclass
+class GeneratorSnapshot:
+    """A slot's state just before its final prompt step: everything the prompt decided."""
+
+    schedule: PromptSchedule
+    rows: RowState
+    cache: torch.Tensor  # [17, RING]
+    provided: torch.Tensor  # [17, RING]
+
+    def nbytes(self) -> int:
+        return self.rows.nbytes()
 
 
 @dataclass
@@ -88,15 +103,29 @@ class TokenGenerator:
     def free_rows(self) -> list[int]:
         return [b for b, s in enumerate(self.slots) if s.phase is Phase.FREE]
 
-    def start(self, row: int, schedule: PromptSchedule, sampling: SamplingParams,
-              seed: int | None = None) -> None:
-        """Begin a call in `row`: reset its model state and queue its prompt phase."""
+    def _rng(self, sampling: SamplingParams, seed: int | None) -> torch.Generator | None:
+        if sampling.greedy:
+            return None
+        rng = torch.Generator(device=self.device)
+        rng.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+        return rng
+
+    def _reset_row(self, row: int) -> None:
         if self.slots[row].phase is not Phase.FREE:
             raise RuntimeError(f"slot {row} is busy")
         mask = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
         mask[row] = True
         self.lm.reset_streaming(mask)
         self._exec_mask = None
+
+    def start(self, row: int, schedule: PromptSchedule, sampling: SamplingParams,
+              seed: int | None = None, hold_before_last: bool = False) -> None:
+        """Begin a call in `row`: reset its model state and queue its prompt phase.
+
+        With `hold_before_last` the slot stops one step short of the end of its prompt phase,
+        ready for `capture` (a snapshot) instead of going live.
+        """
+        self._reset_row(row)
         self.cache[row] = self.lm.ungenerated_token_id
         self.provided[row] = False
         # Columns before a stream's delay has elapsed hold its initial token (forced).
@@ -104,19 +133,52 @@ class TokenGenerator:
             for c in range(d + 1):
                 self.cache[row, k, c] = self.initial[k]
                 self.provided[row, k, c] = True
-        rng = None
-        if not sampling.greedy:
-            rng = torch.Generator(device=self.device)
-            rng.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
-        self.slots[row] = SlotState(Phase.PROMPT, 0, schedule, sampling, rng)
+        self.slots[row] = SlotState(Phase.PROMPT, 0, schedule, sampling, self._rng(sampling, seed),
+                                    hold_before_last)
+
+    def held(self, row: int) -> bool:
+        """True when `row` waits, one step before its prompt's end, to be captured."""
+        s = self.slots[row]
+        return s.phase is Phase.PROMPT and s.hold_before_last and s.offset == s.schedule.steps - 1
+
+    def capture(self, row: int) -> GeneratorSnapshot:
+        if not self.held(row):
+            raise RuntimeError(f"slot {row} is not held before its final prompt step")
+        s = self.slots[row]
+        return GeneratorSnapshot(schedule=s.schedule, rows=capture_row(self.lm, row, s.offset),
+                                 cache=self.cache[row].clone(), provided=self.provided[row].clone())
+
+    def restore(self, row: int, snap: GeneratorSnapshot, sampling: SamplingParams,
+                seed: int | None = None) -> None:
+        """Start a call in `row` from a snapshot: a copy instead of the prompt phase.
+
+        The random stream is advanced by what the skipped steps would have drawn, so a seeded
+        call gives the same output whether or not it started from a snapshot.
+        """
+        self._reset_row(row)
+        restore_row(self.lm, row, snap.rows)
+        self.cache[row] = snap.cache
+        self.provided[row] = snap.provided
+        rng = self._rng(sampling, seed)
+        if rng is not None:
+            for _ in range(snap.rows.positions):
+                draw_noise(rng, sampling, self.text_card, self.card, self.device)
+        self.slots[row] = SlotState(Phase.PROMPT, snap.rows.positions, snap.schedule, sampling, rng)
 
     def free(self, row: int) -> None:
         self.slots[row] = SlotState()
         self._exec_mask = None
 
     # -- stepping -------------------------------------------------------------------------
-    def _sync_exec_mask(self) -> torch.Tensor:
-        mask = torch.tensor([s.phase is not Phase.FREE for s in self.slots], device=self.device)
+    def stepping_rows(self, only: set[int] | None = None) -> list[int]:
+        """Rows that take a step now: busy, not held for capture, and in `only` if given."""
+        return [b for b, s in enumerate(self.slots)
+                if s.phase is not Phase.FREE and not self.held(b) and (only is None or b in only)]
+
+    def _sync_exec_mask(self, rows: list[int]) -> torch.Tensor:
+        mask = torch.zeros(self.batch_size, dtype=torch.bool)
+        mask[rows] = True
+        mask = mask.to(self.device)
         if self._exec_mask is None or not torch.equal(mask, self._exec_mask):
             self.lm.set_exec_mask(mask)
             self._exec_mask = mask
@@ -133,10 +195,15 @@ class TokenGenerator:
         return t if x is None else x + t
 
     @torch.no_grad()
-    def step(self, caller_codes: dict[int, torch.Tensor]) -> StepOutput:
-        """Advance every busy slot by one frame. `caller_codes[row]` ([8]) is needed for live rows."""
+    def step(self, caller_codes: dict[int, torch.Tensor], only: set[int] | None = None) -> StepOutput:
+        """Advance busy slots by one frame (all, or those in `only`); other rows do not move.
+
+        `caller_codes[row]` ([8]) is needed for each live row that steps.
+        """
         B, dev, lm = self.batch_size, self.device, self.lm
-        active = self._sync_exec_mask()
+        rows = self.stepping_rows(only)
+        active = self._sync_exec_mask(rows)
+        stepping = set(rows)
         offsets_l = [s.offset for s in self.slots]
         offsets = torch.tensor(offsets_l, device=dev)
 
@@ -145,6 +212,8 @@ class TokenGenerator:
         base = list(offsets_l)
         embed_rows: list[tuple[int, torch.Tensor]] = []
         for b, s in enumerate(self.slots):
+            if b not in stepping:
+                continue
             if s.phase is Phase.PROMPT:
                 sch = s.schedule
                 assert sch is not None
@@ -180,7 +249,6 @@ class TokenGenerator:
         tgt_pos = ((offsets + 1) % RING)[:, None, None].expand(B, NUM_STREAMS, 1)
         target = self.cache.gather(2, tgt_pos)[..., 0]
         forced = self.provided.gather(2, tgt_pos)[..., 0]
-        rows = [b for b, s in enumerate(self.slots) if s.phase is not Phase.FREE]
         noise: dict[int, StepNoise] = {
             b: draw_noise(self.slots[b].rng, self.slots[b].sampling, self.text_card, self.card, dev)
             for b in rows}
@@ -217,9 +285,8 @@ class TokenGenerator:
         frame = self.cache.gather(2, ((offsets[:, None] + self.delays[None, :]) % RING)[..., None])[..., 0]
 
         emitting, finished = [], []
-        for b, s in enumerate(self.slots):
-            if s.phase is Phase.FREE:
-                continue
+        for b in rows:
+            s = self.slots[b]
             s.offset += 1
             if s.phase is Phase.LIVE:
                 emitting.append(b)
