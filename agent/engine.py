@@ -116,9 +116,9 @@ class Engine:
         return self.generator.capture(slot)
 
     def restore(self, slot: int, snap: GeneratorSnapshot, sampling: SamplingParams | None = None,
-                seed: int | None = None) -> None:
+                seed: int | None = None, rng=None) -> None:
         """Start a call from a snapshot; its first frame comes out of the next step."""
-        self.generator.restore(slot, snap, sampling or self.default_sampling, seed)
+        self.generator.restore(slot, snap, sampling or self.default_sampling, seed, rng)
 
     def release(self, slot: int) -> None:
         self.generator.free(slot)

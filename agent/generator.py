@@ -148,21 +148,39 @@ class TokenGenerator:
         return GeneratorSnapshot(schedule=s.schedule, rows=capture_row(self.lm, row, s.offset),
                                  cache=self.cache[row].clone(), provided=self.provided[row].clone())
 
+    def prepared_rng(self, sampling: SamplingParams, seed: int | None, steps: int) -> torch.Generator | None:
+        """A call's random generator advanced past `steps` prompt steps (what a snapshot skips),
+        so a seeded call gives the same output whether or not it started from a snapshot.
+        Thread-safe and independent of the batch: build it off the engine thread."""
+        rng = self._rng(sampling, seed)
+        if rng is None:
+            return None
+        if self.device.type == "cpu":
+            # CPU generators consume by element count: one bulk draw equals the per-step draws
+            per_step = sum(t.numel() for t in draw_noise(None, sampling, self.text_card, self.card, self.device,
+                                                          shapes_only=True))
+            left = per_step * steps
+            while left > 0:
+                n = min(left, 1 << 20)
+                torch.empty(n).exponential_(1, generator=rng)
+                left -= n
+        else:
+            for _ in range(steps):
+                draw_noise(rng, sampling, self.text_card, self.card, self.device)
+        return rng
+
     def restore(self, row: int, snap: GeneratorSnapshot, sampling: SamplingParams,
-                seed: int | None = None) -> None:
+                seed: int | None = None, rng: torch.Generator | None = None) -> None:
         """Start a call in `row` from a snapshot: a copy instead of the prompt phase.
 
-        The random stream is advanced by what the skipped steps would have drawn, so a seeded
-        call gives the same output whether or not it started from a snapshot.
+        `rng` may come from `prepared_rng` (built off the engine thread); else it is built here.
         """
         self._reset_row(row)
         restore_row(self.lm, row, snap.rows)
         self.cache[row] = snap.cache
         self.provided[row] = snap.provided
-        rng = self._rng(sampling, seed)
-        if rng is not None:
-            for _ in range(snap.rows.positions):
-                draw_noise(rng, sampling, self.text_card, self.card, self.device)
+        if rng is None:
+            rng = self.prepared_rng(sampling, seed, snap.rows.positions)
         self.slots[row] = SlotState(Phase.PROMPT, snap.rows.positions, snap.schedule, sampling, rng)
 
     def free(self, row: int) -> None:

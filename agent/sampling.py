@@ -46,11 +46,19 @@ class StepNoise:
 
 
 def draw_noise(gen: torch.Generator | None, params: SamplingParams, text_card: int, audio_card: int,
-               device: torch.device) -> StepNoise:
-    if gen is None or params.greedy or params.temp_text <= 0 and params.temp_audio <= 0:
-        return StepNoise(None, None)
+               device: torch.device, shapes_only: bool = False):
+    """One step's noise for one slot; with `shapes_only`, the empty tensors of the draw shapes."""
     kt = min(params.topk_text, text_card) if params.topk_text > 0 else text_card
     ka = min(params.topk_audio, audio_card) if params.topk_audio > 0 else audio_card
+    if shapes_only:
+        shapes = []
+        if not params.greedy and params.temp_text > 0:
+            shapes.append(torch.empty(1, kt, device="meta"))
+        if not params.greedy and params.temp_audio > 0:
+            shapes.append(torch.empty(REFERENCE_DEP_Q, ka, device="meta"))
+        return shapes
+    if gen is None or params.greedy or params.temp_text <= 0 and params.temp_audio <= 0:
+        return StepNoise(None, None)
     text = torch.empty(1, kt, device=device).exponential_(1, generator=gen) if params.temp_text > 0 else None
     audio = (torch.empty(REFERENCE_DEP_Q, ka, device=device).exponential_(1, generator=gen)
              if params.temp_audio > 0 else None)

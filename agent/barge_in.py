@@ -1,0 +1,90 @@
+"""Barge-in: noticing that the caller talks over the agent, without being fooled by echo.
+
+Caller speech is detected with Silero VAD (16 kHz, 32 ms chunks). A barge-in is declared when
+the caller has spoken for `min_speech_ms` while the agent is speaking, unless the agent started
+speaking less than `agent_guard_ms` ago (a phone line's echo of the agent's own voice arrives
+then); such speech is counted as suppressed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+VAD_RATE = 16000
+VAD_CHUNK = 512  # samples at 16 kHz (32 ms), what Silero VAD expects
+
+
+@dataclass(frozen=True)
+class BargeInConfig:
+    enabled: bool = True
+    vad_threshold: float = 0.5
+    min_speech_ms: int = 160
+    agent_guard_ms: int = 300
+    agent_active_dbfs: float = -42.0  # agent frames louder than this count as "speaking"
+    agent_release_ms: int = 240  # agent counts as silent after this long below the threshold
+
+
+class BargeInDetector:
+    """Pure decision logic (no model), fed with VAD probabilities and agent frame levels."""
+
+    def __init__(self, cfg: BargeInConfig):
+        self.cfg = cfg
+        self.speech_ms = 0.0
+        self.fired = False  # one decision per caller speech segment
+        self.agent_speaking = False
+        self.agent_start_t = -1e9
+        self.agent_last_loud_t = -1e9
+
+    def on_agent_frame(self, pcm: np.ndarray, t: float) -> None:
+        rms = float(np.sqrt(np.mean(np.square(pcm, dtype=np.float64)))) if len(pcm) else 0.0
+        loud = rms > 10 ** (self.cfg.agent_active_dbfs / 20)
+        if loud:
+            if not self.agent_speaking:
+                self.agent_speaking = True
+                self.agent_start_t = t
+            self.agent_last_loud_t = t
+        elif self.agent_speaking and (t - self.agent_last_loud_t) * 1000 > self.cfg.agent_release_ms:
+            self.agent_speaking = False
+
+    def on_vad(self, prob: float, t: float, chunk_ms: float = 32.0) -> str | None:
+        """Returns "barge_in", "suppressed" or None for one VAD chunk ending at time t."""
+        if prob >= self.cfg.vad_threshold:
+            self.speech_ms += chunk_ms
+        elif prob < self.cfg.vad_threshold - 0.15:
+            self.speech_ms = 0.0
+            self.fired = False
+        if self.fired or self.speech_ms < self.cfg.min_speech_ms or not self.cfg.enabled:
+            return None
+        self.fired = True
+        if not self.agent_speaking:
+            return None  # ordinary turn-taking, nothing to interrupt
+        speech_start = t - self.speech_ms / 1000
+        if (speech_start - self.agent_start_t) * 1000 < self.cfg.agent_guard_ms:
+            return "suppressed"
+        return "barge_in"
+
+
+class SileroVad:
+    """One caller's VAD stream: 24 kHz frames in, speech probabilities per 32 ms out."""
+
+    def __init__(self):
+        import silero_vad
+
+        self.model = silero_vad.load_silero_vad()
+        self._pending = np.zeros(0, dtype=np.float32)
+
+    def feed(self, pcm24k: np.ndarray) -> list[float]:
+        import torch
+        from scipy.signal import resample_poly
+
+        x = resample_poly(np.asarray(pcm24k, dtype=np.float32), 2, 3).astype(np.float32)
+        self._pending = np.concatenate([self._pending, x])
+        probs = []
+        with torch.inference_mode():
+            while len(self._pending) >= VAD_CHUNK:
+                chunk = torch.from_numpy(self._pending[:VAD_CHUNK].copy())
+                self._pending = self._pending[VAD_CHUNK:]
+                probs.append(float(self.model(chunk, VAD_RATE).item()))
+        return probs

@@ -1,0 +1,43 @@
+"""Prometheus metrics of the voice agent, in one registry per process (or per test)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+STEP_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0)
+ANSWER_BUCKETS = (0.02, 0.05, 0.08, 0.1, 0.16, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.active_calls = Gauge("personaplex_active_calls", "Calls in progress", ["endpoint"], registry=r)
+        self.calls_total = Counter("personaplex_calls_total", "Calls by endpoint and outcome",
+                                   ["endpoint", "outcome"], registry=r)
+        self.capacity = Gauge("personaplex_capacity_calls", "Configured maximum of concurrent calls", registry=r)
+        self.step_seconds = Histogram("personaplex_engine_step_seconds", "Engine time per 80 ms frame",
+                                      buckets=STEP_BUCKETS, registry=r)
+        self.answer_seconds = Histogram("personaplex_answer_to_first_audio_seconds",
+                                        "From call start to the first agent audio frame", ["snapshot"],
+                                        buckets=ANSWER_BUCKETS, registry=r)
+        self.late_inbound = Counter("personaplex_late_inbound_frames_total",
+                                    "Frames where the caller's audio was not there in time (silence used)",
+                                    registry=r)
+        self.playout_underruns = Counter("personaplex_playout_underruns_total",
+                                         "Endpoint playout ticks with no agent audio ready", ["endpoint"], registry=r)
+        self.engine_overruns = Counter("personaplex_engine_overruns_total", "Frames where the engine overran 80 ms",
+                                       registry=r)
+        self.barge_ins = Counter("personaplex_barge_ins_total", "Caller talked over the agent", registry=r)
+        self.barge_ins_suppressed = Counter("personaplex_barge_ins_suppressed_total",
+                                            "Caller speech ignored as echo or too short", registry=r)
+        self.persona_reload_errors = Counter("personaplex_persona_reload_errors_total",
+                                             "Persona files rejected on (re)load", registry=r)
+        self.snapshot_builds = Counter("personaplex_snapshot_builds_total", "Persona prompt snapshots built",
+                                       registry=r)
+        self.calls_at_context_limit = Counter("personaplex_calls_at_context_limit_total",
+                                              "Calls that reached the model's context limit", registry=r)
+        self.dtmf = Counter("personaplex_dtmf_total", "DTMF digits received", ["endpoint"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
