@@ -98,6 +98,7 @@ class Scheduler:
         self.overruns = 0
         self._prompt_step_s = 0.0
         self.last_error: str | None = None
+        self.on_call_start: list[Callable[[CallSession], None]] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -182,6 +183,11 @@ class Scheduler:
             sess.on_audio_in = lambda s, pcm: self._vad_q.put((s, pcm))
         self._cmds.put(lambda: self._assign(sess, schedule, sampling, seed, snap, rng))
         self.metrics.active_calls.labels(endpoint).inc()
+        for hook in self.on_call_start:
+            try:
+                hook(sess)
+            except Exception:
+                sess.log.exception("call_start_hook_failed")
         sess.log.info("call_start", snapshot=schedule is None)
         return sess
 
@@ -301,7 +307,7 @@ class Scheduler:
             else:
                 self.engine.generator.slots[slot].hold_before_last = False
 
-    def _deliver(self, results, now: float) -> None:
+    def _deliver(self, results, now: float, feed: dict | None = None) -> None:
         for slot, out in results.items():
             sess = self._calls.get(slot)
             if sess is None:
@@ -314,6 +320,8 @@ class Scheduler:
                 else:
                     sess.live_frames += 1
                 sess.deliver(out.pcm, out.text, now)
+                if sess.recorder is not None:
+                    sess.recorder((feed or {}).get(slot), out.pcm, out.text, sess.stats.frames_out)
             except Exception:
                 sess.log.exception("deliver_failed")
                 self._end(sess, "failed")
@@ -392,7 +400,7 @@ class Scheduler:
                     for sess in self._calls.values():
                         sess.stats.engine_overruns += 1
                 now = time.monotonic()
-                self._deliver(results, now)
+                self._deliver(results, now, feed)
                 self._collect_snapshots()
                 self._extra_prompt_steps(next_tick + cfg.tick_s)
                 self._police_calls(now)

@@ -49,6 +49,7 @@ class CallStats:
     frames_out: int = 0
     late_inbound: int = 0
     inbound_dropped: int = 0
+    caller_peak: float = 0.0  # loudest caller sample the model heard (is audio reaching us?)
     outbound_dropped: int = 0
     playout_underruns: int = 0
     engine_overruns: int = 0
@@ -86,6 +87,7 @@ class CallSession:
         self.detector = BargeInDetector(barge_in)
         self.on_audio_in: Callable[["CallSession", np.ndarray], None] | None = None  # set by the scheduler (VAD)
         self.on_hangup: Callable[["CallSession", str], None] | None = None  # set by the scheduler
+        self.recorder: Callable | None = None  # (caller frame, agent frame, text, index), engine thread
 
     # -- endpoint side ------------------------------------------------------------------------
     def push_audio(self, pcm: np.ndarray) -> None:
@@ -139,7 +141,8 @@ class CallSession:
             if len(self._in) < FRAME:
                 return None
             frame, self._in = self._in[:FRAME], self._in[FRAME:]
-            return frame
+        self.stats.caller_peak = max(self.stats.caller_peak, float(np.abs(frame).max()))
+        return frame
 
     def deliver(self, pcm: np.ndarray, text: str | None, now: float) -> None:
         with self._lock:

@@ -1,0 +1,1 @@
+"""The server process: configuration, runtime (model, personas, scheduler, endpoints), HTTP."""

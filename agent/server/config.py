@@ -1,0 +1,176 @@
+"""Server configuration (`configs/*.yaml`), validated with field-level messages.
+
+Secrets never live in logs: they are `SecretStr`, and environment variables override them
+(`HF_TOKEN`, `PERSONAPLEX_SIP_PASSWORD`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from agent.errors import AgentError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    source: Literal["auto", "hf", "dir", "demo"] = "auto"  # auto: dir if given, else HF if cached/token, else demo
+    hf_repo: str = "nvidia/personaplex-7b-v1"
+    dir: Path | None = None
+    device: str = "auto"
+    cpu_offload: bool = False
+    hf_token: SecretStr | None = None
+
+
+class SamplingConfig(_Strict):
+    greedy: bool = False
+    temp_audio: float = Field(0.8, ge=0, le=5)
+    temp_text: float = Field(0.7, ge=0, le=5)
+    topk_audio: int = Field(250, ge=0)
+    topk_text: int = Field(25, ge=0)
+
+
+class BargeInSettings(_Strict):
+    enabled: bool = True
+    vad_threshold: float = Field(0.5, gt=0, lt=1)
+    min_speech_ms: int = Field(160, ge=0, le=5000)
+    agent_guard_ms: int = Field(300, ge=0, le=5000)
+    agent_active_dbfs: float = Field(-42.0, le=0)
+
+
+class EngineConfig(_Strict):
+    max_calls: int = Field(4, ge=1, le=1024)
+    max_call_seconds: float | None = Field(230.0, gt=0)
+    context_policy: Literal["hangup", "slide"] = "hangup"
+    idle_timeout_s: float = Field(20.0, gt=0)
+    retry_after_s: int = Field(5, ge=1)
+    sampling: SamplingConfig = SamplingConfig()
+    barge_in: BargeInSettings = BargeInSettings()
+
+
+class PersonasConfig(_Strict):
+    dir: Path = Path("personas")
+    unknown_numbers: Literal["default", "refuse"] = "default"
+    reload_interval_s: float = Field(2.0, gt=0)
+
+
+class HttpConfig(_Strict):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8998, ge=0, le=65535)
+    ssl_dir: Path | None = None  # a folder: a temporary self-signed certificate is made there
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+class WebRtcConfig(_Strict):
+    enabled: bool = True
+    ice_servers: list[str] = []  # e.g. ["stun:stun.example.org:3478"]; none needed on a LAN/localhost
+    connect_timeout_s: float = Field(20.0, gt=0)
+
+
+class SipRegistration(_Strict):
+    registrar: str  # sip:pbx.example.com
+    user: str
+    password: SecretStr | None = None
+    realm: str = "*"
+    expires_s: int = Field(300, ge=30)
+
+
+class SipConfig(_Strict):
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(5060, ge=0, le=65535)
+    public_address: str | None = None
+    transports: list[Literal["udp", "tcp", "tls"]] = ["udp", "tcp"]
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    allow_from: list[str] = ["127.0.0.0/8"]  # source networks allowed to INVITE directly (ACL)
+    registration: SipRegistration | None = None
+    codecs: list[str] = ["opus/48000", "G722/16000", "PCMU/8000", "PCMA/8000"]
+    busy_code: Literal[486, 503] = 486
+    rtp_port: int = Field(4000, ge=1024, le=65000)
+    rtp_timeout_s: float = Field(15.0, gt=0)
+    session_timer_s: int = Field(1800, ge=90)
+
+    @field_validator("allow_from")
+    @classmethod
+    def _nets(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for net in v:
+            ipaddress.ip_network(net, strict=False)
+        return v
+
+
+class LoggingConfig(_Strict):
+    format: Literal["auto", "json", "console"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class RecordingConfig(_Strict):
+    enabled: bool = False
+    dir: Path = Path("recordings")
+    max_files: int = Field(200, ge=1)  # oldest calls are deleted beyond this many
+
+
+class ServerConfig(_Strict):
+    model: ModelConfig = ModelConfig()
+    personas: PersonasConfig = PersonasConfig()
+    engine: EngineConfig = EngineConfig()
+    http: HttpConfig = HttpConfig()
+    webrtc: WebRtcConfig = WebRtcConfig()
+    sip: SipConfig = SipConfig()
+    logging: LoggingConfig = LoggingConfig()
+    recording: RecordingConfig = RecordingConfig()
+    drain_timeout_s: float = Field(30.0, ge=0)
+
+
+class ConfigError(AgentError):
+    pass
+
+
+def _fmt_errors(path: Path, exc: ValidationError) -> str:
+    lines = [f"{path}: invalid configuration:"]
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown setting"
+        lines.append(f"  {loc}: {msg}" + (f" (got {err['input']!r})" if err["type"] != "extra_forbidden"
+                                           and not isinstance(err.get("input"), dict) else ""))
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path, base_dir: Path | None = None) -> ServerConfig:
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {p}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: YAML error: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: a config file is a mapping of sections (model, engine, http, ...)")
+    try:
+        cfg = ServerConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_fmt_errors(p, exc)) from None
+    # secrets from the environment win over the file
+    if os.environ.get("HF_TOKEN"):
+        cfg.model.hf_token = SecretStr(os.environ["HF_TOKEN"])
+    sip_pw = os.environ.get("PERSONAPLEX_SIP_PASSWORD")
+    if sip_pw and cfg.sip.registration is not None:
+        cfg.sip.registration.password = SecretStr(sip_pw)
+    # relative paths are relative to the config's folder's parent project (where the file lives)
+    base = base_dir or Path.cwd()
+    if not cfg.personas.dir.is_absolute():
+        cfg.personas.dir = base / cfg.personas.dir
+    return cfg

@@ -1,0 +1,93 @@
+"""Audio at the edge of the system: the one place where call audio is resampled.
+
+Sessions speak 24 kHz mono float32 in 80 ms frames; endpoints speak their own rates and packet
+sizes (WebRTC 48 kHz/20 ms, SIP 16 kHz/20 ms). `Capture` turns endpoint audio into session audio,
+`Playout` turns session frames into endpoint packets. Both use stateful PyAV resamplers (no
+clicks at packet boundaries). `Playout` never blocks: with nothing ready it returns silence and
+counts an underrun, and after a barge-in it drops every sample of the older playout generation.
+"""
+
+from __future__ import annotations
+
+import av
+import numpy as np
+
+from agent.session import SAMPLE_RATE, CallSession
+
+
+class Resampler:
+    """Stateful mono float32 resampler (PyAV/libswresample)."""
+
+    def __init__(self, in_rate: int, out_rate: int):
+        self.in_rate, self.out_rate = in_rate, out_rate
+        self._r = None if in_rate == out_rate else av.AudioResampler(format="flt", layout="mono", rate=out_rate)
+
+    def __call__(self, pcm: np.ndarray) -> np.ndarray:
+        pcm = np.ascontiguousarray(pcm, dtype=np.float32).reshape(-1)
+        if self._r is None or len(pcm) == 0:
+            return pcm
+        frame = av.AudioFrame.from_ndarray(pcm[None, :], format="flt", layout="mono")
+        frame.sample_rate = self.in_rate
+        out = [f.to_ndarray().reshape(-1) for f in self._r.resample(frame)]
+        return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+
+
+class FrameResampler:
+    """Any av.AudioFrame (s16/flt, planar or not, stereo or mono, any rate) -> 24 kHz mono float32."""
+
+    def __init__(self, out_rate: int = SAMPLE_RATE):
+        self._r = av.AudioResampler(format="flt", layout="mono", rate=out_rate)
+
+    def __call__(self, frame: av.AudioFrame) -> np.ndarray:
+        frame.pts = None  # the resampler keeps its own continuous timeline
+        out = [f.to_ndarray().reshape(-1) for f in self._r.resample(frame)]
+        return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+
+
+class Capture:
+    """Caller audio from an endpoint into the session, resampled to 24 kHz."""
+
+    def __init__(self, session: CallSession, in_rate: int):
+        self.session = session
+        self.resample = Resampler(in_rate, SAMPLE_RATE)
+
+    def push(self, pcm: np.ndarray) -> None:
+        out = self.resample(pcm)
+        if len(out):
+            self.session.push_audio(out)
+
+
+class Playout:
+    """Agent audio for one call at the endpoint's rate, one packet at a time."""
+
+    def __init__(self, session: CallSession, rate: int, packet: int, on_underrun=None):
+        self.session = session
+        self.packet = packet
+        self.resample = Resampler(SAMPLE_RATE, rate)
+        self._buf = np.zeros(0, dtype=np.float32)
+        self._gen = 0
+        self.on_underrun = on_underrun
+        self.texts: list[str] = []
+
+    def next_packet(self) -> np.ndarray:
+        sess = self.session
+        if sess.generation != self._gen:  # barge-in: what is buffered is stale
+            self._buf = np.zeros(0, dtype=np.float32)
+            self._gen = sess.generation
+        while len(self._buf) < self.packet:
+            f = sess.pull_frame()
+            if f is None:
+                break
+            if f.generation != sess.generation:
+                continue
+            self._buf = np.concatenate([self._buf, self.resample(f.pcm)])
+        if len(self._buf) < self.packet:
+            have = self._buf
+            self._buf = np.zeros(0, dtype=np.float32)
+            if sess.state == "live":
+                sess.count_underrun()
+                if self.on_underrun is not None:
+                    self.on_underrun()
+            return np.concatenate([have, np.zeros(self.packet - len(have), np.float32)])
+        out, self._buf = self._buf[: self.packet], self._buf[self.packet:]
+        return out

@@ -1,0 +1,164 @@
+// The call page: pick a persona, call over WebRTC, show the agent's words and audio levels.
+// Plain ES module, no build step. window.__call exposes counters for automated tests.
+
+const $ = (id) => document.getElementById(id);
+const stats = { agentPeak: 0, agentLoudFrames: 0, texts: 0, events: [], state: "idle" };
+window.__call = stats;
+
+let pc = null, channel = null, mic = null, timer = null, started = 0, meterTimer = null, audioCtx = null;
+
+function status(text, error = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", error);
+}
+
+async function loadPersonas() {
+  try {
+    const res = await fetch("/api/personas");
+    const { personas } = await res.json();
+    for (const p of personas) {
+      const opt = document.createElement("option");
+      opt.value = p.id;
+      opt.textContent = p.company ? `${p.company} (${p.agent_name})` : p.id;
+      $("persona").append(opt);
+    }
+  } catch (e) {
+    status("Cannot reach the agent server.", true);
+  }
+}
+
+function level(analyser, buf) {
+  analyser.getFloatTimeDomainData(buf);
+  let sum = 0;
+  for (const v of buf) sum += v * v;
+  return Math.sqrt(sum / buf.length);
+}
+
+function startMeters(localStream) {
+  audioCtx = audioCtx || new AudioContext();
+  const inA = audioCtx.createAnalyser();
+  audioCtx.createMediaStreamSource(localStream).connect(inA);
+  const inBuf = new Float32Array(inA.fftSize);
+  let outA = null, outBuf = null;
+  meterTimer = setInterval(() => {
+    $("in-level").value = Math.min(1, level(inA, inBuf) * 4);
+    const remote = $("remote").srcObject;
+    if (!outA && remote && remote.getAudioTracks().length) {
+      outA = audioCtx.createAnalyser();
+      audioCtx.createMediaStreamSource(remote).connect(outA);
+      outBuf = new Float32Array(outA.fftSize);
+    }
+    if (outA) {
+      const l = level(outA, outBuf);
+      $("out-level").value = Math.min(1, l * 4);
+      stats.agentPeak = Math.max(stats.agentPeak, l);
+      if (l > 0.003) stats.agentLoudFrames += 1;
+    }
+  }, 50);
+}
+
+function tick() {
+  const s = Math.floor((Date.now() - started) / 1000);
+  $("timer").textContent = `${String(Math.floor(s / 60)).padStart(2, "0")}:${String(s % 60).padStart(2, "0")}`;
+}
+
+function onEvent(msg) {
+  stats.events.push(msg.type);
+  if (msg.type === "text") {
+    stats.texts += 1;
+    $("transcript").append(document.createTextNode(msg.text));
+    $("transcript").scrollTop = $("transcript").scrollHeight;
+  } else if (msg.type === "barge_in") {
+    const span = document.createElement("span");
+    span.className = "barge";
+    span.textContent = " [you interrupted] ";
+    $("transcript").append(span);
+  } else if (msg.type === "state") {
+    stats.state = msg.state;
+    if (msg.state === "answering") status("Connecting to the agent…");
+    if (msg.state === "live") status("In call.");
+  } else if (msg.type === "ended") {
+    status(`Call ended (${msg.reason.replaceAll("_", " ")}).`);
+    cleanup();
+  }
+}
+
+async function call() {
+  $("call").disabled = true;
+  $("transcript").textContent = "";
+  status("Asking for the microphone…");
+  try {
+    mic = await navigator.mediaDevices.getUserMedia({ audio: { echoCancellation: true, noiseSuppression: true } });
+  } catch (e) {
+    status(e.name === "NotAllowedError" ? "Microphone blocked: allow microphone access for this page and try again."
+                                        : `No microphone available (${e.name}).`, true);
+    $("call").disabled = false;
+    return;
+  }
+  pc = new RTCPeerConnection();
+  for (const t of mic.getAudioTracks()) pc.addTrack(t, mic);
+  channel = pc.createDataChannel("events");
+  channel.onmessage = (ev) => onEvent(JSON.parse(ev.data));
+  pc.ontrack = (ev) => { $("remote").srcObject = ev.streams[0] || new MediaStream([ev.track]); };
+  pc.onconnectionstatechange = () => {
+    if (!pc) return;
+    if (pc.connectionState === "failed" || pc.connectionState === "disconnected") {
+      status("Connection lost.", true);
+      cleanup();
+    }
+  };
+  await pc.setLocalDescription(await pc.createOffer());
+  await new Promise((resolve) => {
+    if (pc.iceGatheringState === "complete") return resolve();
+    pc.onicegatheringstatechange = () => pc.iceGatheringState === "complete" && resolve();
+    setTimeout(resolve, 3000);
+  });
+  status("Calling…");
+  let res;
+  try {
+    res = await fetch("/api/call", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type, persona: $("persona").value }),
+    });
+  } catch (e) {
+    status("Connection lost: the agent server cannot be reached.", true);
+    cleanup();
+    return;
+  }
+  const body = await res.json();
+  if (!res.ok) {
+    const msg = res.status === 503 ? `Server busy: ${body.reason}. Try again in ${body.retry_after || 5} s.`
+                                   : `Call refused: ${body.reason}`;
+    status(msg, true);
+    stats.state = body.error;
+    cleanup();
+    return;
+  }
+  await pc.setRemoteDescription({ sdp: body.sdp, type: body.type });
+  stats.state = "connected";
+  started = Date.now();
+  timer = setInterval(tick, 250);
+  startMeters(mic);
+  $("hangup").disabled = false;
+}
+
+function cleanup() {
+  clearInterval(timer);
+  clearInterval(meterTimer);
+  if (pc) pc.close();
+  if (mic) mic.getTracks().forEach((t) => t.stop());
+  pc = null; channel = null; mic = null;
+  $("hangup").disabled = true;
+  $("call").disabled = false;
+}
+
+function hangup() {
+  if (channel && channel.readyState === "open") channel.send(JSON.stringify({ type: "hangup" }));
+  status("Call ended.");
+  stats.state = "hung_up";
+  setTimeout(cleanup, 200);
+}
+
+$("call").addEventListener("click", call);
+$("hangup").addEventListener("click", hangup);
+loadPersonas();
