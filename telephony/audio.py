@@ -69,7 +69,7 @@ class Playout:
         self.on_underrun = on_underrun
         self.texts: list[str] = []
 
-    def next_packet(self) -> np.ndarray:
+    def _fill(self) -> None:
         sess = self.session
         if sess.generation != self._gen:  # barge-in: what is buffered is stale
             self._buf = np.zeros(0, dtype=np.float32)
@@ -81,13 +81,28 @@ class Playout:
             if f.generation != sess.generation:
                 continue
             self._buf = np.concatenate([self._buf, self.resample(f.pcm)])
+
+    def take_packet(self) -> np.ndarray | None:
+        """A packet if one is ready, else None (for endpoints whose own clock plays silence)."""
+        self._fill()
+        if len(self._buf) < self.packet:
+            return None
+        out, self._buf = self._buf[: self.packet], self._buf[self.packet:]
+        return out
+
+    def report_underrun(self) -> None:
+        if self.session.state == "live":
+            self.session.count_underrun()
+            if self.on_underrun is not None:
+                self.on_underrun()
+
+    def next_packet(self) -> np.ndarray:
+        """Always a packet: silence (counted as an underrun) when the agent has nothing ready."""
+        self._fill()
         if len(self._buf) < self.packet:
             have = self._buf
             self._buf = np.zeros(0, dtype=np.float32)
-            if sess.state == "live":
-                sess.count_underrun()
-                if self.on_underrun is not None:
-                    self.on_underrun()
+            self.report_underrun()
             return np.concatenate([have, np.zeros(self.packet - len(have), np.float32)])
         out, self._buf = self._buf[: self.packet], self._buf[self.packet:]
         return out

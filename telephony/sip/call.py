@@ -1,0 +1,180 @@
+"""One SIP call: pjsua2 call callbacks, the audio port, and the bridge to the call session."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pjsua2 as pj
+
+from agent.session import CallSession, Event
+from telephony.audio import Capture, Playout
+from telephony.sip.port import RATE, SAMPLES, CallAudioPort
+
+OUTBOUND_PACKETS = 3  # 60 ms of slack at the port, no more (barge-in must bite fast)
+
+
+class SipCall(pj.Call):
+    def __init__(self, endpoint, account, call_id: int):
+        super().__init__(account, call_id)
+        self.endpoint = endpoint
+        self.session: CallSession | None = None
+        self.port: CallAudioPort | None = None
+        self.capture: Capture | None = None
+        self.playout: Playout | None = None
+        self.answered = False
+        self.confirmed = False
+        self.disconnected = False
+        self.on_hold = False
+        self.media_index: int | None = None
+        self.last_rx_pkt = -1
+        self.last_rx_change = time.monotonic()
+        self.transfer_pending = False
+        self.refused = False
+
+    # -- set-up --------------------------------------------------------------------------------
+    def attach(self, session: CallSession) -> None:
+        self.session = session
+        self.capture = Capture(session, RATE)
+        metrics = self.endpoint.runtime.metrics
+        self.playout = Playout(session, RATE, SAMPLES,
+                               on_underrun=lambda: metrics.playout_underruns.labels("sip").inc())
+        session.subscribe(self._on_session_event)
+
+    def _on_session_event(self, ev: Event) -> None:
+        # engine/VAD threads: pjsua2 is only ever touched on the SIP thread
+        if ev.kind == "state" and ev.data.get("state") == "live":
+            self.endpoint.post(self.answer_ok)
+        elif ev.kind == "ended":
+            self.endpoint.post(lambda: self.end_by_agent(ev.data.get("reason", "ended")))
+        elif ev.kind == "barge_in" and self.port is not None:
+            self.port.generation = ev.data.get("generation", 0)
+            self.port.outbound.clear()
+
+    def answer_ok(self) -> None:
+        if self.answered or self.disconnected:
+            return
+        op = pj.CallOpParam()
+        op.statusCode = 200
+        self.answer(op)
+        self.answered = True
+
+    def end_by_agent(self, reason: str) -> None:
+        """The agent side ended the call (max duration, drain, failure): BYE, or a final answer."""
+        if self.disconnected:
+            return
+        op = pj.CallOpParam()
+        if not self.answered:
+            op.statusCode = 503 if reason in ("shutdown", "draining") else 480
+        try:
+            self.hangup(op)
+        except pj.Error:
+            pass
+
+    # -- pjsua2 callbacks (SIP thread) ----------------------------------------------------------
+    def onCallState(self, prm) -> None:
+        ci = self.getInfo()
+        if ci.state == pj.PJSIP_INV_STATE_CONFIRMED:
+            self.confirmed = True
+        elif ci.state == pj.PJSIP_INV_STATE_DISCONNECTED:
+            self.disconnected = True
+            if self.session is not None:
+                reason = "caller_hangup" if self.confirmed else "cancelled"
+                if self.transfer_pending:
+                    reason = "transferred"
+                self.session.hangup(reason)
+            self.endpoint.forget(self)
+
+    def onCallMediaState(self, prm) -> None:
+        ci = self.getInfo()
+        for mi in ci.media:
+            if mi.type != pj.PJMEDIA_TYPE_AUDIO:
+                continue
+            self.media_index = mi.index
+            if mi.status == pj.PJSUA_CALL_MEDIA_ACTIVE:
+                self.on_hold = False
+                self._connect(mi.index)
+            elif mi.status in (pj.PJSUA_CALL_MEDIA_REMOTE_HOLD, pj.PJSUA_CALL_MEDIA_LOCAL_HOLD,
+                               pj.PJSUA_CALL_MEDIA_NONE):
+                self.on_hold = True
+                if self.session is not None:
+                    self.session.emit("hold", on=True)
+
+    def _connect(self, index: int) -> None:
+        if self.port is None:
+            self.port = CallAudioPort()
+            self.port.create(f"agent{self.getId()}")
+        am = self.getAudioMedia(index)
+        am.startTransmit(self.port)
+        self.port.startTransmit(am)
+        self.last_rx_change = time.monotonic()
+
+    def onDtmfDigit(self, prm) -> None:
+        digit = str(prm.digit)
+        self.endpoint.runtime.metrics.dtmf.labels("sip").inc()
+        if self.session is None:
+            return
+        self.session.dtmf(digit)
+        t = self.session.persona.transfer
+        if t is not None and digit == t.dtmf and not self.transfer_pending:
+            self.session.log.info("sip_transfer", target=t.target)
+            self.transfer_pending = True
+            try:
+                self.xfer(t.target, pj.CallOpParam(True))
+            except pj.Error as exc:
+                self.transfer_pending = False
+                self.session.log.warning("sip_transfer_failed", error=exc.info())
+
+    def onCallTransferStatus(self, prm) -> None:
+        if not prm.finalNotify:
+            return
+        prm.cont = False
+        if 200 <= prm.statusCode < 300:
+            self.session.log.info("sip_transferred", status=prm.statusCode)
+            op = pj.CallOpParam()
+            self.hangup(op)  # the person has the caller now; free the slot
+        else:
+            self.transfer_pending = False
+            self.session.log.warning("sip_transfer_rejected", status=prm.statusCode, reason=prm.reason)
+            self.session.emit("transfer_failed", status=prm.statusCode)
+
+    # -- SIP thread housekeeping ----------------------------------------------------------------
+    def pump(self) -> None:
+        """Move audio between the port's byte queues and the session (resampling here)."""
+        port, sess = self.port, self.session
+        if port is None or sess is None or self.disconnected:
+            return
+        chunks = []
+        while port.inbound:
+            chunks.append(port.inbound.popleft())
+        if chunks and not self.on_hold:
+            pcm = np.frombuffer(b"".join(chunks), dtype="<i2").astype(np.float32) / 32768.0
+            self.capture.push(pcm)
+        if not self.answered:
+            return
+        port.generation = sess.generation
+        while len(port.outbound) < OUTBOUND_PACKETS:
+            pkt = self.playout.take_packet()
+            if pkt is None:
+                break
+            port.outbound.append((sess.generation, (np.clip(pkt, -1, 1) * 32767).astype("<i2").tobytes()))
+        # underruns happen on the bridge clock (the port plays silence); account for them here
+        n, port.underruns = port.underruns, 0
+        if sess.state == "live":
+            for _ in range(n):
+                self.playout.report_underrun()
+
+    def check_rtp(self, timeout_s: float) -> None:
+        if self.media_index is None or self.on_hold or not self.confirmed or self.disconnected:
+            return
+        try:
+            pkts = self.getStreamStat(self.media_index).rtcp.rxStat.pkt
+        except pj.Error:
+            return
+        now = time.monotonic()
+        if pkts != self.last_rx_pkt:
+            self.last_rx_pkt = pkts
+            self.last_rx_change = now
+        elif now - self.last_rx_change > timeout_s and self.session is not None:
+            self.session.log.warning("sip_rtp_timeout", seconds=timeout_s)
+            self.session.hangup("rtp_timeout")

@@ -1,0 +1,275 @@
+"""SIP endpoint: a pjsua2 user agent answering phone lines per dialled number.
+
+pjsua2 runs on one thread of ours (`threadCnt=0`, `mainThreadOnly`), which polls pjsip, pumps
+call audio and runs commands posted by other threads; nothing else touches pjsua2. Incoming
+INVITE: ACL by source address (403), route by Request-URI user (404 unless a default persona
+answers), capacity (486 or 503 with Retry-After), else 180 Ringing until the call's first
+agent frame is ready, then 200 OK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+
+import pjsua2 as pj
+import structlog
+
+from agent.scheduler import CallRefused
+from telephony.sip.call import SipCall
+from telephony.sip.sipmsg import allowed, dialled_user, source_ip
+
+log = structlog.get_logger(__name__)
+NAME = "sip"
+
+
+class _LogWriter(pj.LogWriter):
+    def write(self, entry) -> None:
+        msg = entry.msg.rstrip()
+        if entry.level <= 1:
+            log.error("pjsip", msg=msg)
+        elif entry.level == 2:
+            log.warning("pjsip", msg=msg)
+        else:
+            log.debug("pjsip", msg=msg)
+
+
+class _Account(pj.Account):
+    def __init__(self, endpoint: "SipEndpoint"):
+        super().__init__()
+        self.endpoint = endpoint
+
+    def onIncomingCall(self, prm) -> None:
+        self.endpoint.incoming(self, prm)
+
+    def onRegState(self, prm) -> None:
+        info = self.getInfo()
+        log.info("sip_registration", status=prm.code, reason=prm.reason, active=info.regIsActive)
+
+
+class SipEndpoint:
+    name = NAME
+
+    def __init__(self, runtime):
+        self.runtime = runtime
+        self.cfg = runtime.cfg.sip
+        self.port = self.cfg.port
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._stopping = threading.Event()
+        self._error: BaseException | None = None
+        self.calls: dict[int, SipCall] = {}
+        self._dead: list[SipCall] = []
+        self.ep: pj.Endpoint | None = None
+        self.account: _Account | None = None
+
+    # -- lifecycle (asyncio side) ---------------------------------------------------------------
+    async def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="sip", daemon=True)
+        self._thread.start()
+        await asyncio.get_running_loop().run_in_executor(None, self._ready.wait, 30)
+        if self._error is not None:
+            raise self._error
+        log.info("sip_listening", host=self.cfg.host, port=self.port, transports=self.cfg.transports)
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10)
+            self._thread = None
+
+    def post(self, fn) -> None:
+        """Run `fn` on the SIP thread (the only thread that may call pjsua2)."""
+        self._cmds.put(fn)
+
+    def forget(self, call: SipCall) -> None:
+        self.calls.pop(call.getId(), None)
+        self._dead.append(call)  # deleted later, never inside its own callback
+
+    # -- SIP thread ---------------------------------------------------------------------------
+    def _init(self) -> None:
+        c = self.cfg
+        ep = self.ep = pj.Endpoint()
+        ep.libCreate()
+        epc = pj.EpConfig()
+        epc.uaConfig.threadCnt = 0
+        epc.uaConfig.mainThreadOnly = True
+        epc.uaConfig.maxCalls = min(4 * self.runtime.cfg.engine.max_calls + 8, 256)
+        epc.uaConfig.userAgent = "personaplex-agent"
+        self._logwriter = _LogWriter()
+        epc.logConfig.writer = self._logwriter
+        epc.logConfig.level = 3
+        epc.logConfig.consoleLevel = 3
+        epc.logConfig.decor = 0
+        epc.medConfig.clockRate = 16000
+        epc.medConfig.sndClockRate = 16000
+        epc.medConfig.channelCount = 1
+        epc.medConfig.ecTailLen = 0
+        epc.medConfig.noVad = True
+        ep.libInit(epc)
+        ep.audDevManager().setNullDev()
+        for t in c.transports:
+            tc = pj.TransportConfig()
+            tc.port = self.port
+            tc.boundAddress = c.host
+            if c.public_address:
+                tc.publicAddress = c.public_address
+            kind = {"udp": pj.PJSIP_TRANSPORT_UDP, "tcp": pj.PJSIP_TRANSPORT_TCP, "tls": pj.PJSIP_TRANSPORT_TLS}[t]
+            if t == "tls":
+                tc.port = self.port + 1
+                tc.tlsConfig.certFile = str(c.tls_cert_file or "")
+                tc.tlsConfig.privKeyFile = str(c.tls_key_file or "")
+            ep.transportCreate(kind, tc)
+        ep.libStart()
+        self._set_codecs()
+        ac = pj.AccountConfig()
+        host = c.public_address or c.host
+        ac.idUri = f"sip:agent@{host}:{self.port}"
+        reg = c.registration
+        if reg is not None:
+            ac.idUri = f"sip:{reg.user}@{reg.registrar.split(':', 1)[-1]}"
+            ac.regConfig.registrarUri = reg.registrar
+            ac.regConfig.timeoutSec = reg.expires_s
+            pw = reg.password.get_secret_value() if reg.password else ""
+            ac.sipConfig.authCreds.append(pj.AuthCredInfo("digest", reg.realm, reg.user, 0, pw))
+        ac.callConfig.timerUse = pj.PJSUA_SIP_TIMER_OPTIONAL
+        ac.callConfig.timerSessExpiresSec = c.session_timer_s
+        ac.mediaConfig.transportConfig.port = c.rtp_port
+        ac.mediaConfig.transportConfig.portRange = 2000
+        ac.mediaConfig.transportConfig.boundAddress = c.host if c.host not in ("0.0.0.0", "::") else ""
+        self.account = _Account(self)
+        self.account.create(ac, True)
+
+    def _set_codecs(self) -> None:
+        wanted = [w.lower() for w in self.cfg.codecs]
+        for info in self.ep.codecEnum2():
+            cid = info.codecId
+            prio = 0
+            for rank, w in enumerate(wanted):
+                if cid.lower().startswith(w):
+                    prio = 250 - rank * 10
+            self.ep.codecSetPriority(cid, prio)
+
+    def _run(self) -> None:
+        try:
+            self._init()
+        except BaseException as exc:  # e.g. the port is taken: report to start()
+            self._error = RuntimeError(f"SIP endpoint failed to start on {self.cfg.host}:{self.port}: "
+                                       f"{exc.info() if isinstance(exc, pj.Error) else exc}")
+            self._ready.set()
+            self._destroy()
+            return
+        self._ready.set()
+        last_check = time.monotonic()
+        while not self._stopping.is_set():
+            self._run_commands()
+            self.ep.libHandleEvents(5)
+            for call in list(self.calls.values()):
+                try:
+                    call.pump()
+                except Exception:
+                    log.exception("sip_pump_failed")
+            now = time.monotonic()
+            if now - last_check > 0.5:
+                last_check = now
+                for call in list(self.calls.values()):
+                    call.check_rtp(self.cfg.rtp_timeout_s)
+                self._dead.clear()
+        self._shutdown()
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                fn()
+            except pj.Error as exc:
+                log.warning("sip_command_failed", error=exc.info())
+            except Exception:
+                log.exception("sip_command_failed")
+
+    def _shutdown(self) -> None:
+        try:
+            self.ep.hangupAllCalls()
+        except Exception:
+            pass
+        deadline = time.monotonic() + 2
+        while self.calls and time.monotonic() < deadline:
+            self.ep.libHandleEvents(20)
+        self._destroy()
+
+    def _destroy(self) -> None:
+        # pjsua2 objects must go before libDestroy, or pjlib asserts
+        for call in list(self.calls.values()):
+            call.port = None
+        self.calls.clear()
+        self._dead.clear()
+        if self.account is not None:
+            try:
+                self.account.shutdown()
+            except Exception:
+                pass
+            self.account = None
+        if self.ep is not None:
+            try:
+                self.ep.libDestroy()
+            except Exception:
+                pass
+            self.ep = None
+
+    # -- incoming calls (SIP thread) ----------------------------------------------------------
+    def _refuse(self, call: SipCall, code: int, reason: str, retry_after: int | None = None) -> None:
+        op = pj.CallOpParam()
+        op.statusCode = code
+        op.reason = reason
+        if retry_after:
+            h = pj.SipHeader()
+            h.hName = "Retry-After"
+            h.hValue = str(retry_after)
+            op.txOption.headers.append(h)
+        call.refused = True
+        call.answer(op)
+
+    def incoming(self, account: _Account, prm) -> None:
+        rt = self.runtime
+        call = SipCall(self, account, prm.callId)
+        self.calls[call.getId()] = call
+        msg = prm.rdata.wholeMsg
+        src = source_ip(prm.rdata.srcAddress)
+        number = dialled_user(msg) or ""
+        blog = log.bind(number=number, source=src, endpoint=NAME)
+        if not allowed(src, self.cfg.allow_from):
+            blog.warning("sip_refused_acl")
+            rt.metrics.calls_total.labels(NAME, "refused_acl").inc()
+            return self._refuse(call, 403, "Forbidden")
+        if rt.draining:
+            rt.metrics.calls_total.labels(NAME, "refused_draining").inc()
+            return self._refuse(call, 503, "Service Unavailable", rt.cfg.engine.retry_after_s)
+        persona = rt.route(number) if number else None
+        if persona is None:
+            blog.info("sip_refused_not_found")
+            rt.metrics.calls_total.labels(NAME, "not_found").inc()
+            return self._refuse(call, 404, "Not Found")
+        try:
+            session = rt.scheduler.place_call(persona, number, NAME)
+        except CallRefused as exc:
+            blog.info("sip_refused", code=exc.code, reason=exc.reason)
+            if exc.code == "busy":
+                code = self.cfg.busy_code
+                return self._refuse(call, code, "Busy Here" if code == 486 else "Service Unavailable",
+                                    exc.retry_after)
+            return self._refuse(call, 503, "Service Unavailable", exc.retry_after)
+        except Exception:
+            blog.exception("sip_call_setup_failed")
+            return self._refuse(call, 500, "Server Internal Error")
+        call.attach(session)
+        op = pj.CallOpParam()
+        op.statusCode = 180
+        call.answer(op)
+        if session.state == "live":  # the first frame was ready before we rang
+            call.answer_ok()

@@ -1,0 +1,42 @@
+"""Reading what pjsua2 hands us of an incoming INVITE: dialled number and source address."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+_REQ_LINE = re.compile(r"^INVITE\s+(\S+)\s+SIP/2\.0", re.IGNORECASE)
+_TO = re.compile(r"^(?:To|t)\s*:\s*(.+)$", re.IGNORECASE | re.MULTILINE)
+_URI_USER = re.compile(r"(?:sips?|tel):([^@;>\s]+)", re.IGNORECASE)
+
+
+def dialled_user(whole_msg: str) -> str | None:
+    """The Request-URI's user part, falling back to the To header's."""
+    first = whole_msg.lstrip().split("\r\n", 1)[0].split("\n", 1)[0]
+    m = _REQ_LINE.match(first)
+    if m:
+        u = _URI_USER.search(m.group(1))
+        if u and u.group(1):
+            return u.group(1)
+    t = _TO.search(whole_msg)
+    if t:
+        u = _URI_USER.search(t.group(1))
+        if u:
+            return u.group(1)
+    return None
+
+
+def source_ip(src_address: str) -> str:
+    """'127.0.0.1:5062' or '[::1]:5062' -> the address."""
+    s = src_address.strip()
+    if s.startswith("["):
+        return s[1:].split("]", 1)[0]
+    return s.rsplit(":", 1)[0] if s.count(":") == 1 else s
+
+
+def allowed(ip: str, networks: list[str]) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in ipaddress.ip_network(n, strict=False) for n in networks)
