@@ -11,6 +11,10 @@ def cmd_serve(args) -> int:
     from agent.server.config import load_config
     from agent.server.runtime import Runtime
 
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: dump thread stacks
     cfg = load_config(args.config, base_dir=Path.cwd())
     if args.port is not None:
         cfg.http.port = args.port

@@ -51,6 +51,7 @@ class EngineConfig(_Strict):
     context_policy: Literal["hangup", "slide"] = "hangup"
     idle_timeout_s: float = Field(20.0, gt=0)
     retry_after_s: int = Field(5, ge=1)
+    prewarm: bool = True  # build every persona's prompt snapshot at start and on persona changes
     sampling: SamplingConfig = SamplingConfig()
     barge_in: BargeInSettings = BargeInSettings()
 

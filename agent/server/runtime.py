@@ -105,7 +105,7 @@ class Runtime:
         b = e.barge_in
         sched_cfg = SchedulerConfig(
             max_calls=e.max_calls, max_call_seconds=e.max_call_seconds, context_policy=e.context_policy,
-            idle_timeout_s=e.idle_timeout_s, retry_after_s=e.retry_after_s,
+            idle_timeout_s=e.idle_timeout_s, retry_after_s=e.retry_after_s, prewarm=e.prewarm,
             barge_in=BargeInConfig(enabled=b.enabled, vad_threshold=b.vad_threshold, min_speech_ms=b.min_speech_ms,
                                    agent_guard_ms=b.agent_guard_ms, agent_active_dbfs=b.agent_active_dbfs),
             default_sampling=SamplingParams(**e.sampling.model_dump()))
@@ -122,7 +122,7 @@ class Runtime:
 
     def _personas_changed(self, report: ReloadReport) -> None:
         self._sync_reload_errors()
-        if self.scheduler is not None and self.registry is not None:
+        if self.scheduler is not None and self.registry is not None and self.cfg.engine.prewarm:
             self.scheduler.prewarm(self.registry.personas())
 
     def _sync_reload_errors(self) -> None:
@@ -175,7 +175,8 @@ class Runtime:
         self.registry.reload()
         self._sync_reload_errors()
         self.registry.start_watching(self.cfg.personas.reload_interval_s)
-        self.scheduler.prewarm(self.registry.personas())
+        if self.cfg.engine.prewarm:
+            self.scheduler.prewarm(self.registry.personas())
         if self.cfg.http.enabled:
             app = self.build_app()
             self._runner = web.AppRunner(app, handle_signals=False, access_log=None)

@@ -39,14 +39,22 @@ class SipCall(pj.Call):
         metrics = self.endpoint.runtime.metrics
         self.playout = Playout(session, RATE, SAMPLES,
                                on_underrun=lambda: metrics.playout_underruns.labels("sip").inc())
-        session.subscribe(self._on_session_event)
+        # The listener runs on engine/VAD threads. It must not hold this object: a pjsua2 object
+        # freed on a thread pjlib does not know aborts the process. It posts work, by call id,
+        # to the SIP thread, the only thread that touches pjsua2.
+        endpoint, call_id = self.endpoint, self.getId()
 
-    def _on_session_event(self, ev: Event) -> None:
-        # engine/VAD threads: pjsua2 is only ever touched on the SIP thread
+        def on_session_event(ev: Event) -> None:
+            if ev.kind in ("state", "ended", "barge_in"):
+                endpoint.post(lambda: endpoint.session_event(call_id, ev))
+        session.subscribe(on_session_event)
+
+    def on_session_event(self, ev: Event) -> None:
+        """A session event, on the SIP thread."""
         if ev.kind == "state" and ev.data.get("state") == "live":
-            self.endpoint.post(self.answer_ok)
+            self.answer_ok()
         elif ev.kind == "ended":
-            self.endpoint.post(lambda: self.end_by_agent(ev.data.get("reason", "ended")))
+            self.end_by_agent(ev.data.get("reason", "ended"))
         elif ev.kind == "barge_in" and self.port is not None:
             self.port.generation = ev.data.get("generation", 0)
             self.port.outbound.clear()

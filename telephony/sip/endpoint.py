@@ -85,6 +85,11 @@ class SipEndpoint:
         """Run `fn` on the SIP thread (the only thread that may call pjsua2)."""
         self._cmds.put(fn)
 
+    def session_event(self, call_id: int, ev) -> None:
+        call = self.calls.get(call_id)
+        if call is not None:
+            call.on_session_event(ev)
+
     def forget(self, call: SipCall) -> None:
         self.calls.pop(call.getId(), None)
         self._dead.append(call)  # deleted later, never inside its own callback

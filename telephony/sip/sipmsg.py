@@ -7,7 +7,7 @@ import re
 
 _REQ_LINE = re.compile(r"^INVITE\s+(\S+)\s+SIP/2\.0", re.IGNORECASE)
 _TO = re.compile(r"^(?:To|t)\s*:\s*(.+)$", re.IGNORECASE | re.MULTILINE)
-_URI_USER = re.compile(r"(?:sips?|tel):([^@;>\s]+)", re.IGNORECASE)
+_URI_USER = re.compile(r"(?:sips?:([^@;>\s]+)@|tel:([^;>\s]+))", re.IGNORECASE)
 
 
 def dialled_user(whole_msg: str) -> str | None:
@@ -16,13 +16,13 @@ def dialled_user(whole_msg: str) -> str | None:
     m = _REQ_LINE.match(first)
     if m:
         u = _URI_USER.search(m.group(1))
-        if u and u.group(1):
-            return u.group(1)
+        if u:
+            return u.group(1) or u.group(2)
     t = _TO.search(whole_msg)
     if t:
         u = _URI_USER.search(t.group(1))
         if u:
-            return u.group(1)
+            return u.group(1) or u.group(2)
     return None
 
 

@@ -1,0 +1,230 @@
+"""SIP endpoint with real peers on loopback: sipp scenarios and a pjsua2 caller."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers_server import ROOT, ServerProcess, free_port, http_json, http_text, speech_wav
+
+SIPP = shutil.which("sipp")
+SCENARIOS = Path(__file__).parent / "sipp"
+
+try:
+    import pjsua2  # noqa: F401
+    HAVE_PJSUA2 = True
+except ImportError:
+    HAVE_PJSUA2 = False
+
+pytestmark = [
+    pytest.mark.skipif(not HAVE_PJSUA2, reason="pjsua2 is built by scripts/build_pjsua2.sh (run by make test)"),
+    pytest.mark.skipif(SIPP is None or shutil.which("espeak-ng") is None or shutil.which("sox") is None,
+                       reason="needs sipp (Debian sip-tester), espeak-ng and sox (installed by scripts/setup.sh)"),
+]
+
+
+@pytest.fixture(scope="module")
+def audio(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sipaudio")
+    wav16 = speech_wav(d / "caller16.wav", "Hello, my name is Omar Torres, when is my next pickup?", 16000)
+    ulaw = d / "caller_ulaw.wav"
+    subprocess.run(["sox", str(wav16), "-r", "8000", "-c", "1", "-e", "u-law", str(ulaw)], check=True)
+    return {"wav16": wav16, "ulaw": ulaw}
+
+
+@pytest.fixture(scope="module")
+def sip_server(tmp_path_factory, demo_dir):
+    tmp = tmp_path_factory.mktemp("sipserver")
+    srv = ServerProcess(tmp, demo_dir.parent, {
+        "engine": {"max_calls": 1, "retry_after_s": 3, "prewarm": False},
+        "personas": {"unknown_numbers": "refuse"},
+        "sip": {"enabled": True, "busy_code": 486, "rtp_port": 21000, "rtp_timeout_s": 3},
+    })
+    srv.wait_ready()
+    yield srv
+    srv.stop()
+
+
+def call_ends(srv, at_least: int = 1, timeout: float = 5.0) -> list[dict]:
+    """call_end log lines of SIP calls (waits for the line: the log is written after the slot is freed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ends = [ln for ln in srv.lines() if ln.get("event") == "call_end" and ln.get("endpoint") == "sip"]
+        if len(ends) >= at_least or time.monotonic() > deadline:
+            return ends
+        time.sleep(0.1)
+
+
+def wait_calls_gone(srv, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not http_json(srv.url + "/api/calls")[1]["calls"]:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def sipp(srv, scenario: Path, service: str, tmp: Path, replace: dict | None = None, timeout: int = 30):
+    text = scenario.read_text()
+    for k, v in (replace or {}).items():
+        text = text.replace(k, v)
+    sf = tmp / f"{scenario.stem}-{uuid.uuid4().hex[:6]}.xml"
+    sf.write_text(text)
+    cmd = [SIPP, f"127.0.0.1:{srv.sip_port}", "-sf", str(sf), "-s", service, "-m", "1", "-i", "127.0.0.1",
+           "-p", str(free_port(socket.SOCK_DGRAM)), "-mp", str(free_port(socket.SOCK_DGRAM)),
+           "-timeout", f"{timeout}s", "-timeout_error", "-nostdin", "-trace_err", "-trace_msg"]
+    res = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=timeout + 15)
+    msgs = "".join(p.read_text(errors="replace") for p in tmp.glob(f"{sf.stem}*messages.log"))
+    return res.returncode, msgs
+
+
+def pj_call(srv, number: str, wav: Path, out: Path, seconds=3.0, codec="", dtmf=""):
+    cmd = [sys.executable, str(Path(__file__).parent / "sip_client.py"), f"sip:{number}@127.0.0.1:{srv.sip_port}",
+           str(wav), str(out), "--seconds", str(seconds)]
+    if codec:
+        cmd += ["--codec", codec]
+    if dtmf:
+        cmd += ["--dtmf", dtmf]
+    return cmd
+
+
+@pytest.mark.parametrize("codec", ["PCMU", "PCMA", "G722", "opus"])
+def test_pjsua2_caller_hears_the_agent(sip_server, audio, tmp_path, codec):
+    before = len(call_ends(sip_server, 0, 0))
+    out = tmp_path / "heard.wav"
+    res = subprocess.run(pj_call(sip_server, "+1 415 555 0100".replace(" ", ""), audio["wav16"], out, 3.0, codec),
+                         capture_output=True, text=True, timeout=60)
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["answered"] and summary["codec"].lower().startswith(codec.lower()), summary
+    import sphn
+
+    heard, sr = sphn.read(str(out))
+    assert sr == 16000 and heard.shape[-1] > 16000 * 2
+    assert np.abs(heard).max() > 0.02  # the agent's audio came back over RTP
+    assert wait_calls_gone(sip_server)
+    end = call_ends(sip_server, before + 1)[-1]
+    assert end["persona"] == "citysan" and end["reason"] == "caller_hangup"
+    assert end["frames_in"] > 20 and end["caller_peak"] > 0.05  # the caller's audio reached the session
+
+
+def test_sipp_call_with_rtp_audio(sip_server, audio, tmp_path):
+    before = len(call_ends(sip_server, 0, 0))
+    rc, msgs = sipp(sip_server, SCENARIOS / "uac_call.xml", "1001", tmp_path, {"@RTP_FILE@": str(audio["ulaw"])})
+    assert rc == 0, msgs[-3000:]
+    assert "SIP/2.0 180 Ringing" in msgs and "SIP/2.0 200 OK" in msgs
+    assert wait_calls_gone(sip_server)
+    end = call_ends(sip_server, before + 1)[-1]
+    assert end["reason"] == "caller_hangup" and end["frames_in"] > 30 and end["caller_peak"] > 0.05
+
+
+def test_sipp_cancel_before_answer_frees_the_slot(sip_server, tmp_path):
+    before = len(call_ends(sip_server, 0, 0))
+    # persona 1004 has no snapshot yet (prewarm is off): its prompt phase keeps the call ringing
+    rc, msgs = sipp(sip_server, SCENARIOS / "uac_cancel.xml", "1004", tmp_path)
+    assert rc == 0, msgs[-3000:]
+    assert "487 Request Terminated" in msgs
+    assert wait_calls_gone(sip_server)
+    assert call_ends(sip_server, before + 1)[-1]["reason"] == "cancelled"
+    assert http_json(sip_server.url + "/readyz")[1]["capacity_left"] == 1
+
+
+def test_sipp_unknown_number_404(sip_server, tmp_path):
+    rc, msgs = sipp(sip_server, SCENARIOS / "uac_expect.xml", "5559999", tmp_path,
+                    {"@CODE@": "404", "@HEADER@": "-", "@HEADER_RE@": "SIP/2.0 404"})
+    assert rc == 0, msgs[-3000:]
+
+
+def test_sipp_over_capacity_486_with_retry_after(sip_server, audio, tmp_path):
+    holder = subprocess.Popen(pj_call(sip_server, "1001", audio["wav16"], tmp_path / "h.wav", 6.0),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not http_json(sip_server.url + "/api/calls")[1]["calls"]:
+            time.sleep(0.1)
+        rc, msgs = sipp(sip_server, SCENARIOS / "uac_expect.xml", "1002", tmp_path,
+                        {"@CODE@": "486", "@HEADER@": "Retry-After", "@HEADER_RE@": "Retry-After: *3"})
+        assert rc == 0, msgs[-3000:]
+        # the call already up is not degraded
+        (call,) = http_json(sip_server.url + "/api/calls")[1]["calls"]
+        assert call["state"] in ("answering", "live")
+    finally:
+        out, _ = holder.communicate(timeout=60)
+    assert json.loads(out.strip().splitlines()[-1])["answered"]
+    assert 'outcome="refused_busy"' in http_text(sip_server.url + "/metrics")
+
+
+def _raw(srv, text: str) -> str | None:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(2)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.sendto(text.replace("PORT", str(port)).encode("latin-1"), ("127.0.0.1", srv.sip_port))
+    try:
+        return s.recvfrom(65535)[0].decode(errors="replace").split("\r\n")[0]
+    except socket.timeout:
+        return None
+    finally:
+        s.close()
+
+
+def _invite(headers: list[str], body: str = "") -> str:
+    cid = uuid.uuid4().hex
+    base = [f"Via: SIP/2.0/UDP 127.0.0.1:PORT;branch=z9hG4bK{cid[:12]}", "From: <sip:x@127.0.0.1:PORT>;tag=t1",
+            "To: <sip:1001@127.0.0.1>", f"Call-ID: {cid}", "CSeq: 1 INVITE", "Contact: <sip:x@127.0.0.1:PORT>",
+            "Max-Forwards: 70"]
+    drop = {h.split(":")[0][1:] for h in headers if h.startswith("-")}
+    lines = [h for h in base if h.split(":")[0] not in drop] + [h for h in headers if not h.startswith("-")]
+    return ("INVITE sip:1001@127.0.0.1 SIP/2.0\r\n" + "\r\n".join(lines) +
+            f"\r\nContent-Length: {len(body)}\r\n\r\n" + body)
+
+
+def test_malformed_sip_and_sdp_get_4xx_and_nothing_breaks(sip_server, audio, tmp_path):
+    bad_sdp = "v=0\r\nthis is not an SDP\r\nm=audio nope\r\n"
+    assert _raw(sip_server, _invite(["Content-Type: application/sdp"], bad_sdp)) == "SIP/2.0 400 Bad SDP"
+    assert _raw(sip_server, _invite(["-Contact"])) == "SIP/2.0 400 Bad Request"
+    assert _raw(sip_server, _invite(["Require: frobnicate"])) == "SIP/2.0 420 Bad Extension"
+    video_only = ("v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+                  "m=video 9 RTP/AVP 96\r\n")
+    assert _raw(sip_server, _invite(["Content-Type: application/sdp"], video_only)).startswith("SIP/2.0 4")
+    # unparsable junk is dropped silently (there is nothing to answer to)
+    assert _raw(sip_server, "GARBAGE \x00\x01\x02 not sip\r\n\r\n") is None
+    assert _raw(sip_server, _invite(["-CSeq", "CSeq: abc INVITE"])) is None
+    # no slot was taken and a normal call still works
+    assert http_json(sip_server.url + "/api/calls")[1]["calls"] == []
+    res = subprocess.run(pj_call(sip_server, "1001", audio["wav16"], tmp_path / "ok.wav", 1.5),
+                         capture_output=True, text=True, timeout=60)
+    assert json.loads(res.stdout.strip().splitlines()[-1])["answered"]
+
+
+def test_dtmf_is_delivered_and_failed_transfer_keeps_the_call(sip_server, audio, tmp_path):
+    """citysan transfers on '0' to a queue that does not exist here: the call must go on."""
+    before = len(call_ends(sip_server, 0, 0))
+    res = subprocess.run(pj_call(sip_server, "1001", audio["wav16"], tmp_path / "t.wav", 4.0, dtmf="0"),
+                         capture_output=True, text=True, timeout=60)
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["answered"]
+    assert wait_calls_gone(sip_server)
+    lines = sip_server.lines()
+    assert any(ln.get("event") == "sip_transfer" for ln in lines)
+    assert call_ends(sip_server, before + 1)[-1]["reason"] == "caller_hangup"  # not ended by the failed transfer
+    assert 'personaplex_dtmf_total{endpoint="sip"} 1.0' in http_text(sip_server.url + "/metrics")
+
+
+def test_sipmsg_parsing():
+    from telephony.sip.sipmsg import allowed, dialled_user, source_ip
+
+    msg = "INVITE sip:+14155550100@10.0.0.1;user=phone SIP/2.0\r\nTo: <sip:other@x>\r\n\r\n"
+    assert dialled_user(msg) == "+14155550100"
+    assert dialled_user("INVITE sip:10.0.0.1 SIP/2.0\r\nTo: \"A\" <sip:1001@pbx>\r\n") == "1001"
+    assert dialled_user("INVITE tel:+442079460000 SIP/2.0\r\n") == "+442079460000"
+    assert source_ip("127.0.0.1:5062") == "127.0.0.1" and source_ip("[::1]:5060") == "::1"
+    assert allowed("127.0.0.1", ["127.0.0.0/8"]) and not allowed("192.0.2.1", ["127.0.0.0/8", "10.0.0.0/8"])
