@@ -61,7 +61,7 @@ class CallRecorder:
         tmp_json = base.with_suffix(".json.tmp")
         tmp_json.write_text(json.dumps(meta, indent=1, ensure_ascii=False))
         os.replace(tmp_json, base.with_suffix(".json"))
-        log.info("call_recorded", call_id=sess.call_id, path=str(base.with_suffix(".wav")))
+        sess.log.info("call_recorded", path=str(base.with_suffix(".wav")))
         self._retain()
 
     def _retain(self) -> None:

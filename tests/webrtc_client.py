@@ -1,0 +1,71 @@
+"""A Python WebRTC caller (aiortc) for tests and benchmarks: plays a wav, records the agent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import numpy as np
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.contrib.media import MediaPlayer
+
+
+class WebRtcCaller:
+    def __init__(self, base_url: str, persona: str, wav: str | None = None):
+        self.base_url, self.persona, self.wav = base_url, persona, wav
+        self.pc = RTCPeerConnection()
+        self.events: list[dict] = []
+        self.received: list[np.ndarray] = []
+        self.status: int | None = None
+        self.body: dict = {}
+        self.channel = None
+        self._rx_task = None
+        self.player = None
+
+    async def call(self) -> int:
+        if self.wav:
+            self.player = MediaPlayer(self.wav)
+            self.pc.addTrack(self.player.audio)
+        else:
+            self.pc.addTransceiver("audio", direction="recvonly")
+        self.channel = self.pc.createDataChannel("events")
+        self.channel.on("message", lambda m: self.events.append(json.loads(m)))
+        self.pc.on("track", self._on_track)
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        async with aiohttp.ClientSession() as http:
+            async with http.post(self.base_url + "/api/call", json={
+                    "sdp": self.pc.localDescription.sdp, "type": "offer", "persona": self.persona}) as r:
+                self.status = r.status
+                self.body = await r.json()
+        if self.status != 200:
+            await self.pc.close()
+            return self.status
+        await self.pc.setRemoteDescription(RTCSessionDescription(self.body["sdp"], self.body["type"]))
+        return self.status
+
+    def _on_track(self, track) -> None:
+        async def rx():
+            try:
+                while True:
+                    f = await track.recv()
+                    self.received.append(f.to_ndarray().reshape(-1).astype(np.float32) / 32768.0)
+            except Exception:
+                pass
+        self._rx_task = asyncio.ensure_future(rx())
+
+    def kinds(self) -> list[str]:
+        return [e.get("type") for e in self.events]
+
+    async def hangup(self) -> None:
+        if self.channel is not None and self.channel.readyState == "open":
+            self.channel.send(json.dumps({"type": "hangup"}))
+            await asyncio.sleep(0.2)
+        await self.close()
+
+    async def close(self) -> None:
+        if self.player is not None and self.player.audio is not None:
+            self.player.audio.stop()
+        await self.pc.close()
+        if self._rx_task is not None:
+            self._rx_task.cancel()
