@@ -25,6 +25,13 @@ from agent.personas.schema import Persona
 
 FRAME = 1920  # samples per 80 ms model frame at 24 kHz
 SAMPLE_RATE = 24000
+# Inbound alignment: a caller's packets arrive on the endpoint's clock, frames are taken on the
+# engine's. Whatever is left over after each take waits a whole extra tick, so a standing
+# backlog is pure latency. When the backlog never dropped below ALIGN_MAX over ALIGN_WINDOW
+# ticks, the oldest samples are dropped to leave ALIGN_KEEP (once per call, or after drift).
+ALIGN_WINDOW = 8
+ALIGN_MAX = 240  # 10 ms
+ALIGN_KEEP = 48  # 2 ms of margin for packet jitter
 
 _ids = itertools.count(1)
 
@@ -50,6 +57,7 @@ class CallStats:
     late_inbound: int = 0
     inbound_dropped: int = 0
     caller_peak: float = 0.0  # loudest caller sample the model heard (is audio reaching us?)
+    inbound_realigned: int = 0  # times standing inbound backlog was trimmed to cut latency
     outbound_dropped: int = 0
     playout_underruns: int = 0
     engine_overruns: int = 0
@@ -80,6 +88,7 @@ class CallSession:
         self._lock = threading.Lock()
         self._in = np.zeros(0, dtype=np.float32)
         self._in_max = inbound_backlog * FRAME
+        self._after_take: collections.deque[int] = collections.deque(maxlen=ALIGN_WINDOW)
         self._out: collections.deque[OutFrame] = collections.deque()
         self._out_depth = outbound_depth
         self._seq = 0
@@ -141,6 +150,12 @@ class CallSession:
             if len(self._in) < FRAME:
                 return None
             frame, self._in = self._in[:FRAME], self._in[FRAME:]
+            self._after_take.append(len(self._in))
+            if len(self._after_take) == ALIGN_WINDOW and min(self._after_take) > ALIGN_MAX:
+                drop = min(self._after_take) - ALIGN_KEEP
+                self._in = self._in[drop:]
+                self._after_take.clear()
+                self.stats.inbound_realigned += 1
         self.stats.caller_peak = max(self.stats.caller_peak, float(np.abs(frame).max()))
         return frame
 

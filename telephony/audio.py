@@ -67,28 +67,45 @@ class Playout:
         self._buf = np.zeros(0, dtype=np.float32)
         self._gen = 0
         self.on_underrun = on_underrun
-        self.texts: list[str] = []
+        # Outbound alignment: each underrun (a late engine tick) would delay everything after
+        # it by the silence played meanwhile; `_emit` trims such standing backlog.
+        self._levels: list[int] = []
+        self._window = max(2 * (rate * 80 // 1000) // packet, 4)  # two model frames of packets
+        self.realigned = 0
 
     def _fill(self) -> None:
         sess = self.session
         if sess.generation != self._gen:  # barge-in: what is buffered is stale
             self._buf = np.zeros(0, dtype=np.float32)
             self._gen = sess.generation
-        while len(self._buf) < self.packet:
+        while True:  # take everything the session has: the backlog is then measurable here
             f = sess.pull_frame()
             if f is None:
                 break
-            if f.generation != sess.generation:
-                continue
-            self._buf = np.concatenate([self._buf, self.resample(f.pcm)])
+            if f.generation == sess.generation:
+                self._buf = np.concatenate([self._buf, self.resample(f.pcm)])
+
+    def _emit(self) -> np.ndarray:
+        out, self._buf = self._buf[: self.packet], self._buf[self.packet:]
+        # Alignment: just after a frame arrives the buffer holds about a frame; just before
+        # the next one, under a packet. If even the lowest level over a frame's worth of packets
+        # stayed above a packet, that surplus is standing latency (late ticks, underruns):
+        # drop it.
+        self._levels.append(len(self._buf))
+        if len(self._levels) >= self._window:
+            low = min(self._levels)
+            self._levels.clear()
+            if low > self.packet:
+                self._buf = self._buf[low - self.packet // 2:]
+                self.realigned += 1
+        return out
 
     def take_packet(self) -> np.ndarray | None:
         """A packet if one is ready, else None (for endpoints whose own clock plays silence)."""
         self._fill()
         if len(self._buf) < self.packet:
             return None
-        out, self._buf = self._buf[: self.packet], self._buf[self.packet:]
-        return out
+        return self._emit()
 
     def report_underrun(self) -> None:
         if self.session.state == "live":
@@ -104,5 +121,4 @@ class Playout:
             self._buf = np.zeros(0, dtype=np.float32)
             self.report_underrun()
             return np.concatenate([have, np.zeros(self.packet - len(have), np.float32)])
-        out, self._buf = self._buf[: self.packet], self._buf[self.packet:]
-        return out
+        return self._emit()

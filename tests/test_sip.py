@@ -51,7 +51,8 @@ def sip_server(tmp_path_factory, demo_dir):
     })
     srv.wait_ready()
     yield srv
-    srv.stop()
+    # a clean exit also proves no pjsua2 object outlived libDestroy (that aborts the process)
+    assert srv.stop() == 0, srv.log_path.read_text()[-2000:]
 
 
 def call_ends(srv, at_least: int = 1, timeout: float = 5.0) -> list[dict]:

@@ -190,11 +190,16 @@ class Runtime:
                     shown = "localhost" if host in ("127.0.0.1", "::1") else host
                     self.http_urls.append(f"{'https' if ctx else 'http'}://{shown}:{port}/")
         if self.cfg.sip.enabled:
-            from telephony.sip.endpoint import SipEndpoint
-
-            sip = SipEndpoint(self)
-            await sip.start()
-            self.endpoints.append(sip)
+            try:
+                from telephony.sip.endpoint import SipEndpoint
+            except ImportError as exc:
+                # WebRTC still works; say exactly how to get SIP
+                log.error("sip_unavailable", reason=f"pjsua2 cannot be imported ({exc})",
+                          fix="run scripts/build_pjsua2.sh (make run does), or set sip.enabled: false")
+            else:
+                sip = SipEndpoint(self)
+                await sip.start()
+                self.endpoints.append(sip)
         self.ready.endpoints = True
         personas = self.registry.personas()
         log.info("ready", model=self.model.files.source, max_calls=self.cfg.engine.max_calls,

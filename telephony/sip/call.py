@@ -11,7 +11,7 @@ from agent.session import CallSession, Event
 from telephony.audio import Capture, Playout
 from telephony.sip.port import RATE, SAMPLES, CallAudioPort
 
-OUTBOUND_PACKETS = 3  # 60 ms of slack at the port, no more (barge-in must bite fast)
+OUTBOUND_PACKETS = 1  # 20 ms of slack at the port: the SIP thread refills every few ms
 
 
 class SipCall(pj.Call):

@@ -172,18 +172,26 @@ class SipEndpoint:
         while not self._stopping.is_set():
             self._run_commands()
             self.ep.libHandleEvents(5)
-            for call in list(self.calls.values()):
-                try:
-                    call.pump()
-                except Exception:
-                    log.exception("sip_pump_failed")
+            self._pump_all()
             now = time.monotonic()
             if now - last_check > 0.5:
                 last_check = now
-                for call in list(self.calls.values()):
-                    call.check_rtp(self.cfg.rtp_timeout_s)
-                self._dead.clear()
+                self._housekeeping()
         self._shutdown()
+
+    # Loops over calls live in their own methods: a loop variable left in `_run`'s frame would
+    # keep a pjsua2 call alive past libDestroy, and its destructor would then abort the process.
+    def _pump_all(self) -> None:
+        for call in list(self.calls.values()):
+            try:
+                call.pump()
+            except Exception:
+                log.exception("sip_pump_failed")
+
+    def _housekeeping(self) -> None:
+        for call in list(self.calls.values()):
+            call.check_rtp(self.cfg.rtp_timeout_s)
+        self._dead.clear()
 
     def _run_commands(self) -> None:
         while True:
@@ -210,10 +218,13 @@ class SipEndpoint:
 
     def _destroy(self) -> None:
         # pjsua2 objects must go before libDestroy, or pjlib asserts
+        import gc
+
         for call in list(self.calls.values()):
             call.port = None
         self.calls.clear()
         self._dead.clear()
+        gc.collect()  # anything pjsua2 in a reference cycle goes now, on this thread
         if self.account is not None:
             try:
                 self.account.shutdown()
