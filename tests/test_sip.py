@@ -229,3 +229,25 @@ def test_sipmsg_parsing():
     assert dialled_user("INVITE tel:+442079460000 SIP/2.0\r\n") == "+442079460000"
     assert source_ip("127.0.0.1:5062") == "127.0.0.1" and source_ip("[::1]:5060") == "::1"
     assert allowed("127.0.0.1", ["127.0.0.0/8"]) and not allowed("192.0.2.1", ["127.0.0.0/8", "10.0.0.0/8"])
+
+
+def test_caller_that_vanishes_is_hung_up_on_rtp_timeout(sip_server, tmp_path):
+    """sipp answers but sends no RTP: after sip.rtp_timeout_s the agent sends BYE, the slot frees."""
+    before = len(call_ends(sip_server, 0, 0))
+    rc, msgs = sipp(sip_server, SCENARIOS / "uac_silent.xml", "1001", tmp_path)
+    assert rc == 0, msgs[-3000:]
+    assert "BYE sip:" in msgs
+    assert call_ends(sip_server, before + 1)[-1]["reason"] == "rtp_timeout"
+    assert wait_calls_gone(sip_server)
+
+
+def test_dtmf_by_sip_info(sip_server, tmp_path):
+    metrics_before = http_text(sip_server.url + "/metrics")
+    rc, msgs = sipp(sip_server, SCENARIOS / "uac_info.xml", "1002", tmp_path)
+    assert rc == 0, msgs[-3000:]
+    import re
+
+    def dtmf(text):
+        m = re.search(r'personaplex_dtmf_total\{endpoint="sip"\} ([0-9.]+)', text)
+        return float(m.group(1)) if m else 0.0
+    assert dtmf(http_text(sip_server.url + "/metrics")) == dtmf(metrics_before) + 1

@@ -51,13 +51,19 @@ def wait_for(page, expr: str, timeout: float = 30.0):
     page.wait_for_function(expr, timeout=timeout * 1000)
 
 
-def test_browser_call_end_to_end(server, browser):
-    ctx = browser.new_context()
+def open_and_call(ctx, server, persona: str):
+    """A page in `ctx` that picked `persona` and pressed Call."""
     page = ctx.new_page()
     page.goto(server.url + "/")
-    page.wait_for_selector("#persona option[value=citysan]", state="attached")
-    page.select_option("#persona", "citysan")
+    page.wait_for_selector(f"#persona option[value={persona}]", state="attached")
+    page.select_option("#persona", persona)
     page.click("#call")
+    return page
+
+
+def test_browser_call_end_to_end(server, browser):
+    ctx = browser.new_context()
+    page = open_and_call(ctx, server, "citysan")
     wait_for(page, "window.__call.state === 'connected'")
     # the page hears the agent (non-silent WebRTC audio) and receives its text events
     wait_for(page, "window.__call.agentLoudFrames > 5 && window.__call.texts > 3", 40)
@@ -75,10 +81,7 @@ def test_browser_call_end_to_end(server, browser):
     assert len(page.inner_text("#transcript")) > 3
 
     # a second caller while the only slot is taken gets "server busy" on the page
-    page2 = ctx.new_page()
-    page2.goto(server.url + "/")
-    page2.wait_for_selector("#persona option[value=citysan]", state="attached")
-    page2.click("#call")
+    page2 = open_and_call(ctx, server, "citysan")
     wait_for(page2, "window.__call.state === 'busy'")
     assert "Server busy" in page2.inner_text("#status")
 
@@ -98,11 +101,7 @@ def test_browser_call_end_to_end(server, browser):
 
 def test_closing_the_tab_frees_the_slot(server, browser):
     ctx = browser.new_context()
-    page = ctx.new_page()
-    page.goto(server.url + "/")
-    page.wait_for_selector("#persona option[value=teacher]", state="attached")
-    page.select_option("#persona", "teacher")
-    page.click("#call")
+    page = open_and_call(ctx, server, "teacher")
     wait_for(page, "window.__call.state === 'connected'")
     wait_for(page, "window.__call.agentLoudFrames > 2", 40)
     ctx.close()  # no hang-up message: the peer connection just goes away
