@@ -274,3 +274,47 @@ def test_real_barge_in_on_speech(make_scheduler, personas, spoken_wav):
             break
     stop.set()
     assert sess.stats.barge_ins >= 1
+
+
+@pytest.fixture(scope="module")
+def short_context_model(demo_dir, tmp_path_factory):
+    """The demo model with a 400-frame context, so the context limit comes within seconds."""
+    import json
+
+    from agent.model_files import local_model_files
+    from agent.model_loader import load_model
+
+    d = tmp_path_factory.mktemp("short")
+    for p in demo_dir.iterdir():
+        if p.is_dir():
+            shutil.copytree(p, d / p.name)
+        else:
+            shutil.copy(p, d / p.name)
+    arch = json.loads((d / "personaplex_arch.json").read_text())
+    arch["lm_kwargs"]["context"] = 400
+    (d / "personaplex_arch.json").write_text(json.dumps(arch))
+    return load_model(local_model_files(d), device="cpu")
+
+
+@pytest.mark.parametrize("policy", ["hangup", "slide"])
+def test_context_limit_policy(short_context_model, personas, policy):
+    sch = Scheduler(short_context_model, SchedulerConfig(max_calls=1, realtime=False, context_policy=policy,
+                                                         max_call_seconds=None, idle_timeout_s=600,
+                                                         barge_in=BargeInConfig(enabled=False)))
+    sch.start()
+    try:
+        sess = sch.place_call(personas.route("1001"), "1001", "test")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if sess.state == "ended" or sch.metrics.calls_at_context_limit._value.get() >= 1 and sess.live_frames > 420:
+                break
+            sess.pull_frame()
+            time.sleep(0.01)
+        assert sch.metrics.calls_at_context_limit._value.get() == 1
+        if policy == "hangup":
+            assert sess.end_reason == "context_limit"
+            assert sess.live_frames < 400
+        else:
+            assert sess.state != "ended" and sess.live_frames > 400  # the call slides on
+    finally:
+        sch.stop()

@@ -251,3 +251,13 @@ def test_dtmf_by_sip_info(sip_server, tmp_path):
         m = re.search(r'personaplex_dtmf_total\{endpoint="sip"\} ([0-9.]+)', text)
         return float(m.group(1)) if m else 0.0
     assert dtmf(http_text(sip_server.url + "/metrics")) == dtmf(metrics_before) + 1
+
+
+def test_hold_and_resume_by_reinvite(sip_server, tmp_path):
+    """On hold no RTP flows (longer than the RTP timeout): the call survives, resumes, ends by BYE."""
+    before = len(call_ends(sip_server, 0, 0))
+    rc, msgs = sipp(sip_server, SCENARIOS / "uac_hold.xml", "1001", tmp_path)
+    assert rc == 0, msgs[-3000:]
+    assert "a=recvonly" in msgs  # the agent acknowledged the hold
+    end = call_ends(sip_server, before + 1)[-1]
+    assert end["reason"] == "caller_hangup"
