@@ -88,6 +88,13 @@ def sipp(srv, scenario: Path, service: str, tmp: Path, replace: dict | None = No
     return res.returncode, msgs
 
 
+def client_summary(stdout: str) -> dict:
+    """The JSON line sip_client.py prints last (pjsip may log around it)."""
+    lines = [ln for ln in stdout.splitlines() if ln.startswith('{"answered"')]
+    assert lines, stdout[-4000:]
+    return json.loads(lines[-1])
+
+
 def pj_call(srv, number: str, wav: Path, out: Path, seconds=3.0, codec="", dtmf=""):
     cmd = [sys.executable, str(Path(__file__).parent / "sip_client.py"), f"sip:{number}@127.0.0.1:{srv.sip_port}",
            str(wav), str(out), "--seconds", str(seconds)]
@@ -104,7 +111,7 @@ def test_pjsua2_caller_hears_the_agent(sip_server, audio, tmp_path, codec):
     out = tmp_path / "heard.wav"
     res = subprocess.run(pj_call(sip_server, "+1 415 555 0100".replace(" ", ""), audio["wav16"], out, 3.0, codec),
                          capture_output=True, text=True, timeout=60)
-    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    summary = client_summary(res.stdout)
     assert summary["answered"] and summary["codec"].lower().startswith(codec.lower()), summary
     import sphn
 
@@ -159,7 +166,7 @@ def test_sipp_over_capacity_486_with_retry_after(sip_server, audio, tmp_path):
         assert call["state"] in ("answering", "live")
     finally:
         out, _ = holder.communicate(timeout=60)
-    assert json.loads(out.strip().splitlines()[-1])["answered"]
+    assert client_summary(out)["answered"]
     assert 'outcome="refused_busy"' in http_text(sip_server.url + "/metrics")
 
 
@@ -203,7 +210,7 @@ def test_malformed_sip_and_sdp_get_4xx_and_nothing_breaks(sip_server, audio, tmp
     assert http_json(sip_server.url + "/api/calls")[1]["calls"] == []
     res = subprocess.run(pj_call(sip_server, "1001", audio["wav16"], tmp_path / "ok.wav", 1.5),
                          capture_output=True, text=True, timeout=60)
-    assert json.loads(res.stdout.strip().splitlines()[-1])["answered"]
+    assert client_summary(res.stdout)["answered"]
 
 
 def test_dtmf_is_delivered_and_failed_transfer_keeps_the_call(sip_server, audio, tmp_path):
@@ -211,7 +218,7 @@ def test_dtmf_is_delivered_and_failed_transfer_keeps_the_call(sip_server, audio,
     before = len(call_ends(sip_server, 0, 0))
     res = subprocess.run(pj_call(sip_server, "1001", audio["wav16"], tmp_path / "t.wav", 4.0, dtmf="0"),
                          capture_output=True, text=True, timeout=60)
-    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    summary = client_summary(res.stdout)
     assert summary["answered"]
     assert wait_calls_gone(sip_server)
     lines = sip_server.lines()
@@ -261,3 +268,29 @@ def test_hold_and_resume_by_reinvite(sip_server, tmp_path):
     assert "a=recvonly" in msgs  # the agent acknowledged the hold
     end = call_ends(sip_server, before + 1)[-1]
     assert end["reason"] == "caller_hangup"
+
+
+def test_blind_transfer_to_a_person_frees_the_slot(sip_server, tmp_path):
+    """A persona added while the server runs transfers on '9' (here by SIP INFO) to a human queue:
+    the agent sends REFER; when the caller's side reports success (NOTIFY 200) it hangs up (BYE)
+    and frees the slot."""
+    personas_dir = sip_server.config.parent / "personas"
+    (personas_dir / "transfer-test.yaml").write_text(
+        "kind: service\nnumbers: ['1010']\ncompany: Transfer Test\nbusiness: test line\nagent_name: Tess\n"
+        "information: ['Press 9 for a person.']\nvoice: NATF0\n"
+        "transfer: {target: 'sip:queue@127.0.0.1:5999', dtmf: '9'}\n")
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if any(p["id"] == "transfer-test" for p in http_json(sip_server.url + "/api/personas")[1]["personas"]):
+                break
+            time.sleep(0.2)
+        before = len(call_ends(sip_server, 0, 0))
+        rc, msgs = sipp(sip_server, SCENARIOS / "uac_refer.xml", "1010", tmp_path)
+        assert rc == 0, msgs[-3000:]
+        assert "Refer-To: <sip:queue@127.0.0.1:5999>" in msgs or "Refer-To: sip:queue@127.0.0.1:5999" in msgs
+        end = call_ends(sip_server, before + 1, timeout=10)[-1]
+        assert end["persona"] == "transfer-test" and end["reason"] == "transferred"
+        assert wait_calls_gone(sip_server)
+    finally:
+        (personas_dir / "transfer-test.yaml").unlink()

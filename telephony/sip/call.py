@@ -125,13 +125,19 @@ class SipCall(pj.Call):
         self.session.dtmf(digit)
         t = self.session.persona.transfer
         if t is not None and digit == t.dtmf and not self.transfer_pending:
-            self.session.log.info("sip_transfer", target=t.target)
             self.transfer_pending = True
-            try:
-                self.xfer(t.target, pj.CallOpParam(True))
-            except pj.Error as exc:
-                self.transfer_pending = False
-                self.session.log.warning("sip_transfer_failed", error=exc.info())
+            # after this callback returns, so the request that carried the digit (INFO) is
+            # answered before the REFER goes out
+            call_id, endpoint = self.getId(), self.endpoint
+            endpoint.post(lambda: endpoint.with_call(call_id, lambda c: c.start_transfer(t.target)))
+
+    def start_transfer(self, target: str) -> None:
+        self.session.log.info("sip_transfer", target=target)
+        try:
+            self.xfer(target, pj.CallOpParam(True))
+        except pj.Error as exc:
+            self.transfer_pending = False
+            self.session.log.warning("sip_transfer_failed", error=exc.info())
 
     def onCallTransferStatus(self, prm) -> None:
         if not prm.finalNotify:

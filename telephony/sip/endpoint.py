@@ -85,10 +85,14 @@ class SipEndpoint:
         """Run `fn` on the SIP thread (the only thread that may call pjsua2)."""
         self._cmds.put(fn)
 
-    def session_event(self, call_id: int, ev) -> None:
+    def with_call(self, call_id: int, fn) -> None:
+        """Run fn(call) if the call still exists (SIP thread)."""
         call = self.calls.get(call_id)
-        if call is not None:
-            call.on_session_event(ev)
+        if call is not None and not call.disconnected:
+            fn(call)
+
+    def session_event(self, call_id: int, ev) -> None:
+        self.with_call(call_id, lambda c: c.on_session_event(ev))
 
     def forget(self, call: SipCall) -> None:
         self.calls.pop(call.getId(), None)
