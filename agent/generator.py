@@ -25,7 +25,7 @@ import torch
 
 from agent.prompt import NUM_STREAMS, PromptSchedule
 from agent.sampling import SamplingParams, StepNoise, draw_noise, sample_rows
-from agent.slot_state import RowState, capture_row, restore_row
+from agent.slot_state import RowState, capture_row, materialize_states, restore_row
 
 AGENT = slice(1, 9)
 CALLER = slice(9, 17)
@@ -94,6 +94,7 @@ class TokenGenerator:
         self.text_card = int(lm.text_card)
         self.card = int(lm.card)
         self._streaming = lm.streaming(B)
+        materialize_states(lm, self.device)  # offloaded layers (--cpu-offload) start on meta
 
     def close(self) -> None:
         """Leave streaming mode so the model can serve another generator."""

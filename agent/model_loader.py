@@ -158,15 +158,24 @@ def load_model(files: ModelFiles, device: str | torch.device | None = None,
 
 
 def _offload(lm: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Keep the big transformer layers' weights in host memory, each layer loaded whole onto the
+    device just for its forward (accelerate hooks). Whole layers, not leaf modules: moshi's gated
+    feed-forward reads its Linear weights directly, which leaf-level hooks would not see."""
     try:
-        from accelerate import cpu_offload
+        from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+        from accelerate.utils import OffloadedWeightsLoader
     except ImportError as exc:  # pragma: no cover - accelerate is a declared dependency
         raise ModelUnavailable("--cpu-offload needs the 'accelerate' package (pip install accelerate).") from exc
-    # Small, hot modules stay on the device; the big transformer layers are streamed.
     for name, module in lm.named_children():
-        if name == "transformer":
-            for layer in module.layers:
-                cpu_offload(layer, execution_device=device)
-        else:
+        if name != "transformer":
             module.to(device)
+    pin = device.type == "cuda"
+    for layer in lm.transformer.layers:
+        weights = {k: (v.detach().cpu().pin_memory() if pin else v.detach().cpu().clone())
+                   for k, v in layer.state_dict().items()}
+        add_hook_to_module(layer, AlignDevicesHook(execution_device=device, offload=True, io_same_device=True,
+                                                   weights_map=OffloadedWeightsLoader(state_dict=weights),
+                                                   place_submodules=True))
+    for name, buf in lm.transformer.named_buffers(recurse=False):
+        buf.data = buf.data.to(device)
     return lm

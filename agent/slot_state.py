@@ -56,3 +56,31 @@ def restore_row(lm: torch.nn.Module, row: int, snap: RowState) -> None:
             key = f"{name}.{attr}"
             if key in snap.offsets:
                 getattr(st, attr)[row] = snap.offsets[key]
+
+
+def materialize_states(lm: torch.nn.Module, device: torch.device) -> int:
+    """Give streaming state that was created on the meta device real storage on `device`.
+
+    With --cpu-offload, accelerate keeps offloaded layers' weights on the meta device, and moshi
+    allocates each layer's streaming state (KV cache, positions) on its weights' device. Fresh
+    state is all zeros except the execution masks (all ones), so it can be rebuilt exactly.
+    Returns how many tensors were replaced.
+    """
+    replaced = 0
+
+    def fix(obj, attr):
+        nonlocal replaced
+        t = getattr(obj, attr, None)
+        if isinstance(t, torch.Tensor) and t.device.type == "meta":
+            fill = torch.ones if attr == "exec_mask" else torch.zeros
+            setattr(obj, attr, fill(t.shape, dtype=t.dtype, device=device))
+            replaced += 1
+
+    for st in _states(lm).values():
+        for attr in ("exec_mask", "offset", "offsets"):
+            fix(st, attr)
+        cache = getattr(st, "kv_cache", None)
+        if cache is not None:
+            fix(cache, "cache")
+            fix(cache, "end_offset")
+    return replaced

@@ -106,3 +106,13 @@ def test_sampled_run_is_reproducible_and_seed_dependent(golden_model, golden, go
     # the forced first frame and the caller's codes do not depend on sampling
     np.testing.assert_array_equal(ta[0], tc[0])
     np.testing.assert_array_equal(ta[1:, 9:], tc[1:, 9:])
+
+
+def test_cpu_offload_reproduces_golden(golden_dir, golden, golden_input):
+    """--cpu-offload (weights of the transformer layers in host memory, loaded per layer) changes
+    where weights live, not what the model computes. Checked with CPU as the execution device."""
+    model = load_model(local_model_files(golden_dir), device="cpu", cpu_offload=True)
+    assert any(p.device.type == "meta" for n, p in model.lm.named_parameters() if n.startswith("transformer."))
+    outs = run_golden(model, golden, golden_input)
+    expected = np.load(golden_dir / "expected_tokens_greedy.npy")
+    np.testing.assert_array_equal(np.stack([o.tokens for o in outs[: len(expected)]]), expected)
