@@ -220,3 +220,27 @@ def test_broken_persona_edit_is_reported_and_last_good_serves(tmp_path, demo_dir
         assert "personaplex_persona_reload_errors_total 1.0" in http_text(srv.url + "/metrics")
     finally:
         srv.stop()
+
+
+def test_https_with_temporary_self_signed_certificate(tmp_path, demo_dir):
+    import ssl
+    import urllib.request
+
+    srv = ServerProcess(tmp_path, demo_dir.parent, {"http": {"ssl_dir": str(tmp_path / "tls")}})
+    srv.url = srv.url.replace("http://", "https://")
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    deadline = time.monotonic() + 90
+    body = None
+    while time.monotonic() < deadline and body is None:
+        try:
+            with urllib.request.urlopen(srv.url + "/healthz", context=ctx, timeout=1) as r:
+                body = json.loads(r.read())
+        except OSError:
+            time.sleep(0.3)
+    try:
+        assert body == {"status": "ok"}
+        assert (tmp_path / "tls" / "cert.pem").exists() and (tmp_path / "tls" / "key.pem").stat().st_mode & 0o077 == 0
+    finally:
+        srv.stop()

@@ -103,7 +103,9 @@ def cmd_show(args) -> int:
         sys.stdout.write(f"tokens:  {len(tokenize_prompt(tok, p.prompt))}\n")
     else:
         sys.stdout.write("tokens:  (no tokenizer found; pass --model-dir)\n")
-    sys.stdout.write(f"prompt:\n{p.prompt}\n")
+    from agent.prompt import wrap_system_prompt
+
+    sys.stdout.write(f"prompt:\n{p.prompt}\nmodel input (one token per frame):\n{wrap_system_prompt(p.prompt)}\n")
     return 0
 
 

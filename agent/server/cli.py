@@ -20,6 +20,8 @@ def cmd_serve(args) -> int:
         cfg.http.port = args.port
     if args.sip_port is not None:
         cfg.sip.port = args.sip_port
+    if args.ssl is not None:
+        cfg.http.ssl_dir = Path(args.ssl)
     configure_logging(args.log_format if args.log_format != "auto" else cfg.logging.format,
                       cfg.logging.level if args.log_level == "info" else args.log_level)
     return asyncio.run(Runtime(cfg).serve_forever())
@@ -40,6 +42,8 @@ def register(sub) -> None:
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--port", type=int, help="override http.port")
     p.add_argument("--sip-port", type=int, help="override sip.port")
+    p.add_argument("--ssl", metavar="DIR", help="serve HTTPS with a temporary self-signed certificate kept in DIR "
+                   "(browsers need a secure context for the microphone off localhost)")
     p.set_defaults(func=cmd_serve)
     c = sub.add_parser("config-check", help="validate a server config file")
     c.add_argument("config")
