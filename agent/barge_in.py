@@ -75,6 +75,11 @@ class SileroVad:
         self.model = silero_vad.load_silero_vad()
         self._pending = np.zeros(0, dtype=np.float32)
 
+    def reset(self) -> None:
+        """Ready for another call (models are pooled: loading one takes tens of ms)."""
+        self.model.reset_states()
+        self._pending = np.zeros(0, dtype=np.float32)
+
     def feed(self, pcm24k: np.ndarray) -> list[float]:
         import torch
         from scipy.signal import resample_poly

@@ -436,12 +436,18 @@ class Scheduler:
 
     # -- VAD thread -----------------------------------------------------------------------------
     def _vad_loop(self) -> None:
+        # One model per concurrent call, loaded up front: loading during calls would hold the
+        # GIL for tens of ms per call and stall the engine thread.
+        pool = [SileroVad() for _ in range(self.config.max_calls)]
         while True:
             item = self._vad_q.get()
             if item is None:
                 return
             if item[0] == "forget":
-                self._vads.pop(item[1], None)
+                vad = self._vads.pop(item[1], None)
+                if vad is not None:
+                    vad.reset()
+                    pool.append(vad)
                 continue
             sess, pcm = item
             if sess.state == "ended":
@@ -449,7 +455,7 @@ class Scheduler:
             try:
                 vad = self._vads.get(sess.call_id)
                 if vad is None:
-                    vad = self._vads[sess.call_id] = SileroVad()
+                    vad = self._vads[sess.call_id] = pool.pop() if pool else SileroVad()
                 for prob in vad.feed(pcm):
                     now = time.monotonic()
                     with sess._lock:
