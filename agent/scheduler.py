@@ -192,14 +192,17 @@ class Scheduler:
         return sess
 
     def prewarm(self, personas: list[Persona]) -> None:
-        """Build prompt snapshots for these personas in the background (spare row)."""
+        """Build prompt snapshots for these personas in the background (spare row), and drop
+        snapshots no persona uses any more. With `prewarm` off, only the dropping happens:
+        snapshots are then built by each persona's first call."""
         wanted = {snapshot_key(p): p for p in personas}
 
         def update():
             for key in list(self.snapshots):
                 if key not in wanted:
                     del self.snapshots[key]  # persona changed or removed
-            self._build_queue = [(k, p) for k, p in wanted.items() if k not in self.snapshots]
+            self._build_queue = ([(k, p) for k, p in wanted.items() if k not in self.snapshots]
+                                 if self.config.prewarm else [])
         self._cmds.put(update)
 
     def wait_idle(self, timeout: float = 30.0) -> bool:

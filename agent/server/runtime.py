@@ -83,7 +83,6 @@ class Runtime:
         self.endpoints: list = []
         self.app: web.Application | None = None
         self._runner: web.AppRunner | None = None
-        self._stop = asyncio.Event() if False else None
         self._signals = 0
         self.http_urls: list[str] = []
         self.started_at = time.time()
@@ -122,7 +121,7 @@ class Runtime:
 
     def _personas_changed(self, report: ReloadReport) -> None:
         self._sync_reload_errors()
-        if self.scheduler is not None and self.registry is not None and self.cfg.engine.prewarm:
+        if self.scheduler is not None and self.registry is not None:
             self.scheduler.prewarm(self.registry.personas())
 
     def _sync_reload_errors(self) -> None:
@@ -175,8 +174,7 @@ class Runtime:
         self.registry.reload()
         self._sync_reload_errors()
         self.registry.start_watching(self.cfg.personas.reload_interval_s)
-        if self.cfg.engine.prewarm:
-            self.scheduler.prewarm(self.registry.personas())
+        self.scheduler.prewarm(self.registry.personas())
         if self.cfg.http.enabled:
             app = self.build_app()
             self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
