@@ -91,6 +91,7 @@ class TokenGenerator:
         self.provided = torch.zeros((B, NUM_STREAMS, RING), dtype=torch.bool, device=self.device)
         self.slots = [SlotState() for _ in range(B)]
         self._exec_mask: torch.Tensor | None = None
+        self._exec_rows: tuple[int, ...] = ()
         self.text_card = int(lm.text_card)
         self.card = int(lm.card)
         self._streaming = lm.streaming(B)
@@ -195,13 +196,15 @@ class TokenGenerator:
                 if s.phase is not Phase.FREE and not self.held(b) and (only is None or b in only)]
 
     def _sync_exec_mask(self, rows: list[int]) -> torch.Tensor:
-        mask = torch.zeros(self.batch_size, dtype=torch.bool)
-        mask[rows] = True
-        mask = mask.to(self.device)
-        if self._exec_mask is None or not torch.equal(mask, self._exec_mask):
-            self.lm.set_exec_mask(mask)
-            self._exec_mask = mask
-        return mask
+        # compared as a tuple on the host: no device sync on the hot path
+        key = tuple(rows)
+        if self._exec_mask is None or self._exec_rows != key:
+            mask = torch.zeros(self.batch_size, dtype=torch.bool)
+            mask[rows] = True
+            self._exec_mask = mask.to(self.device)
+            self._exec_rows = key
+            self.lm.set_exec_mask(self._exec_mask)
+        return self._exec_mask
 
     def _embed(self, columns: torch.Tensor) -> torch.Tensor:
         """Sum of token embeddings, in `LMModel.forward_text`'s order (bit-exactness)."""
