@@ -294,3 +294,39 @@ def test_blind_transfer_to_a_person_frees_the_slot(sip_server, tmp_path):
         assert wait_calls_gone(sip_server)
     finally:
         (personas_dir / "transfer-test.yaml").unlink()
+
+
+def test_registration_with_digest_auth(tmp_path, demo_dir):
+    """The agent registers to a trunk (a sipp registrar that challenges it) with the password from
+    PERSONAPLEX_SIP_PASSWORD, which never appears in the logs."""
+    import os
+
+    reg_port = free_port(socket.SOCK_DGRAM)
+    scenario = (SCENARIOS / "uas_registrar.xml").read_text().replace("@USER@", "1001").replace(
+        "@PASSWORD@", "s3cret-pw")
+    sf = tmp_path / "registrar.xml"
+    sf.write_text(scenario)
+    registrar = subprocess.Popen([SIPP, "-sf", str(sf), "-i", "127.0.0.1", "-p", str(reg_port), "-m", "1",
+                                  "-timeout", "40s", "-nostdin", "-trace_err", "-trace_msg"], cwd=tmp_path,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ["PERSONAPLEX_SIP_PASSWORD"] = "s3cret-pw"
+    try:
+        srv = ServerProcess(tmp_path, demo_dir.parent, {
+            "sip": {"enabled": True, "rtp_port": 22000,
+                    "registration": {"registrar": f"sip:127.0.0.1:{reg_port}", "user": "1001",
+                                     "realm": "test.example"}}})
+    finally:
+        del os.environ["PERSONAPLEX_SIP_PASSWORD"]
+    try:
+        srv.wait_ready()
+        assert registrar.wait(30) == 0  # the registrar saw valid credentials and answered 200
+        deadline = time.monotonic() + 10
+        regs = []
+        while time.monotonic() < deadline and not regs:
+            regs = [ln for ln in srv.lines() if ln.get("event") == "sip_registration" and ln.get("status") == 200]
+            time.sleep(0.2)
+        assert regs and regs[-1]["active"]
+        assert "s3cret-pw" not in srv.log_path.read_text()
+    finally:
+        registrar.kill()
+        srv.stop()
