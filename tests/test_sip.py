@@ -330,3 +330,16 @@ def test_registration_with_digest_auth(tmp_path, demo_dir):
     finally:
         registrar.kill()
         srv.stop()
+
+
+def test_invite_from_outside_the_acl_gets_403(tmp_path, demo_dir):
+    srv = ServerProcess(tmp_path, demo_dir.parent, {"sip": {"enabled": True, "allow_from": ["10.0.0.0/8"],
+                                                            "rtp_port": 24000}})
+    try:
+        srv.wait_ready()
+        rc, msgs = sipp(srv, SCENARIOS / "uac_expect.xml", "1001", tmp_path,
+                        {"@CODE@": "403", "@HEADER@": "-", "@HEADER_RE@": "SIP/2.0 403"})
+        assert rc == 0, msgs[-3000:]
+        assert 'outcome="refused_acl"' in http_text(srv.url + "/metrics")
+    finally:
+        assert srv.stop() == 0
