@@ -59,6 +59,24 @@ def cmd_offline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_voices(args: argparse.Namespace) -> int:
+    from agent.voices import available_voices
+
+    model = open_model(args)
+    if args.voices_command == "list":
+        for name in available_voices(model.files.voices_dir):
+            sys.stdout.write(f"{name}\n")
+        return 0
+    from agent.engine import Engine
+    from agent.voice_record import record_voice_prompt, save_voice_pt
+
+    with Engine(model, 1) as engine:  # encodes the wav (-24 LUFS, Mimi) like a custom wav voice
+        codes = engine.voice(str(args.wav), allow_paths=True).codes
+    save_voice_pt(record_voice_prompt(model.lm, codes, args.out.stem), args.out)
+    sys.stdout.write(f"wrote {args.out} ({codes.shape[0]} frames); use it as a persona's voice: {args.out}\n")
+    return 0
+
+
 def cmd_demo_model(args: argparse.Namespace) -> int:
     from agent.demo_model import demo_model_dir
 
@@ -83,6 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--output-text", type=Path, help="JSON list of text pieces, one per frame")
     off.add_argument("--tokens-out", type=Path, help="npy of output tokens [frames, 17]")
     off.set_defaults(func=cmd_offline)
+
+    vo = sub.add_parser("voices", help="list a model's voices, or make a .pt voice prompt from a recording")
+    vsub = vo.add_subparsers(dest="voices_command", required=True)
+    vl = vsub.add_parser("list", help="voices the model has")
+    _add_model_args(vl)
+    vl.set_defaults(func=cmd_voices)
+    vm = vsub.add_parser("make", help="record a custom voice prompt (.pt) from a wav: calls start faster "
+                         "than with the wav itself")
+    _add_model_args(vm)
+    vm.add_argument("wav", type=Path)
+    vm.add_argument("out", type=Path)
+    vm.set_defaults(func=cmd_voices)
 
     dm = sub.add_parser("demo-model", help="build (if needed) the tiny demo model and print its folder")
     dm.set_defaults(func=cmd_demo_model)

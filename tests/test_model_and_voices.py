@@ -141,3 +141,18 @@ def test_custom_wav_voice_equals_its_recorded_pt(demo_model, tmp_path):
             o = [eng.run_prompt(0)] + [eng.step({0: speechlike(0.08, k)})[0] for k in range(6)]
             outs.append(np.stack([x.tokens for x in o]))
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_voices_cli_lists_and_makes(demo_dir, tmp_path, capsys):
+    import sphn
+
+    from agent.cli import main
+    from tests.conftest import speechlike
+
+    assert main(["voices", "list", "--model-dir", str(demo_dir), "--device", "cpu"]) == 0
+    assert "NATF2" in capsys.readouterr().out.split()
+    sphn.write_wav(str(tmp_path / "me.wav"), speechlike(1.2, 4), 24000)
+    assert main(["voices", "make", "--model-dir", str(demo_dir), "--device", "cpu",
+                 str(tmp_path / "me.wav"), str(tmp_path / "me.pt")]) == 0
+    voice = load_voice_pt(tmp_path / "me.pt")
+    assert voice.embeddings.shape[0] == 14 and voice.cache.shape == (17, 4)
