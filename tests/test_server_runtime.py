@@ -159,7 +159,8 @@ def test_drain_timeout_hangs_up_politely_and_second_signal_is_immediate(tmp_path
     assert srv.proc.wait(15) == 0
     srv.stop()
 
-    srv2 = ServerProcess(tmp_path / "two", demo_dir.parent) if (tmp_path / "two").mkdir() is None else None
+    (tmp_path / "two").mkdir()
+    srv2 = ServerProcess(tmp_path / "two", demo_dir.parent)
     srv2.wait_ready()
 
     async def hold():
