@@ -57,6 +57,7 @@ def main() -> int:
     ap.add_argument("--dtmf", default="")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--codec", default="", help="prefer this codec id prefix (e.g. PCMU, G722, opus)")
+    ap.add_argument("--tls", action="store_true", help="signal over TLS (the URI should say transport=tls)")
     args = ap.parse_args()
     ep = pj.Endpoint()
     ep.libCreate()
@@ -73,6 +74,11 @@ def main() -> int:
     tc.port = args.port
     tc.boundAddress = "127.0.0.1"
     ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tc)
+    if args.tls:
+        tls = pj.TransportConfig()
+        tls.port = 0
+        tls.boundAddress = "127.0.0.1"
+        ep.transportCreate(pj.PJSIP_TRANSPORT_TLS, tls)
     ep.libStart()
     if args.codec:
         for info in ep.codecEnum2():

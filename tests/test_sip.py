@@ -343,3 +343,23 @@ def test_invite_from_outside_the_acl_gets_403(tmp_path, demo_dir):
         assert 'outcome="refused_acl"' in http_text(srv.url + "/metrics")
     finally:
         assert srv.stop() == 0
+
+
+def test_call_over_tls(tmp_path, demo_dir, audio):
+    """SIP over TLS (certificate from the config) with a pjsua2 caller."""
+    from agent.server.tls import self_signed
+
+    cert, key = self_signed(tmp_path / "tls")
+    srv = ServerProcess(tmp_path, demo_dir.parent, {"sip": {
+        "enabled": True, "transports": ["udp", "tls"], "tls_cert_file": str(cert), "tls_key_file": str(key),
+        "rtp_port": 26000}})
+    try:
+        srv.wait_ready()
+        uri = f"sip:1001@127.0.0.1:{srv.sip_port + 1};transport=tls"
+        cmd = [sys.executable, str(Path(__file__).parent / "sip_client.py"), uri, str(audio["wav16"]),
+               str(tmp_path / "tls.wav"), "--seconds", "1.5", "--tls"]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert client_summary(res.stdout)["answered"], res.stdout[-2000:]
+        assert any(ln.get("event") == "call_end" and ln.get("endpoint") == "sip" for ln in call_ends(srv))
+    finally:
+        assert srv.stop() == 0

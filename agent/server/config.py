@@ -91,6 +91,7 @@ class SipConfig(_Strict):
     port: int = Field(5060, ge=0, le=65535)
     public_address: str | None = None
     transports: list[Literal["udp", "tcp", "tls"]] = ["udp", "tcp"]
+    tls_port: int | None = Field(None, ge=1, le=65535)  # default: port + 1 (5061 for 5060)
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     allow_from: list[str] = ["127.0.0.0/8"]  # source networks allowed to INVITE directly (ACL)

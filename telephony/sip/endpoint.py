@@ -128,7 +128,7 @@ class SipEndpoint:
                 tc.publicAddress = c.public_address
             kind = {"udp": pj.PJSIP_TRANSPORT_UDP, "tcp": pj.PJSIP_TRANSPORT_TCP, "tls": pj.PJSIP_TRANSPORT_TLS}[t]
             if t == "tls":
-                tc.port = self.port + 1
+                tc.port = c.tls_port or self.port + 1
                 tc.tlsConfig.certFile = str(c.tls_cert_file or "")
                 tc.tlsConfig.privKeyFile = str(c.tls_key_file or "")
             ep.transportCreate(kind, tc)
