@@ -363,3 +363,17 @@ def test_call_over_tls(tmp_path, demo_dir, audio):
         assert any(ln.get("event") == "call_end" and ln.get("endpoint") == "sip" for ln in call_ends(srv))
     finally:
         assert srv.stop() == 0
+
+
+def test_session_timer_is_negotiated(sip_server, tmp_path):
+    """A caller asking for session timers (RFC 4028) gets them in the 200 OK."""
+    text = (SCENARIOS / "uac_short.xml").read_text().replace(
+        "      Max-Forwards: 70\n      Content-Type: application/sdp",
+        "      Max-Forwards: 70\n      Supported: timer\n      Session-Expires: 120;refresher=uac\n"
+        "      Min-SE: 90\n      Content-Type: application/sdp", 1)
+    sf = tmp_path / "uac_timer.xml"
+    sf.write_text(text)
+    rc, msgs = sipp(sip_server, sf, "1001", tmp_path)
+    assert rc == 0, msgs[-3000:]
+    ok = msgs[msgs.index("SIP/2.0 200 OK"):]
+    assert "Session-Expires: 120;refresher=uac" in ok
