@@ -264,9 +264,10 @@ class Scheduler:
         self.metrics.calls_total.labels(sess.endpoint, outcome).inc()
         st = sess.stats
         sess.log.info("call_end", reason=reason, duration_s=round(sess.duration, 2), frames_in=st.frames_in,
-                      frames_out=st.frames_out, late_frames=st.late_inbound, barge_ins=st.barge_ins, caller_peak=round(st.caller_peak, 4),
-                      barge_ins_suppressed=st.barge_ins_suppressed, playout_underruns=st.playout_underruns,
-                      engine_overruns=st.engine_overruns, from_snapshot=sess.from_snapshot)
+                      frames_out=st.frames_out, late_frames=st.late_inbound, barge_ins=st.barge_ins,
+                      barge_ins_suppressed=st.barge_ins_suppressed, caller_peak=round(st.caller_peak, 4),
+                      playout_underruns=st.playout_underruns, engine_overruns=st.engine_overruns,
+                      from_snapshot=sess.from_snapshot)
 
     def _run_commands(self) -> None:
         while True:
