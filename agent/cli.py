@@ -117,9 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo-model", help="build (if needed) the tiny demo model and print its folder")
     dm.set_defaults(func=cmd_demo_model)
 
-    from agent import cli_extra
+    from agent.personas import cli as personas_cli
+    from agent.server import cli as server_cli
 
-    cli_extra.register(sub)
+    personas_cli.register(sub)
+    server_cli.register(sub)
     return p
 
 

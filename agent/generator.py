@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from agent.prompt import NUM_STREAMS, PromptSchedule
-from agent.sampling import SamplingParams, StepNoise, draw_noise, sample_rows
+from agent.sampling import SamplingParams, StepNoise, draw_noise, noise_per_step, sample_rows
 from agent.slot_state import RowState, capture_row, materialize_states, restore_row
 
 AGENT = slice(1, 9)
@@ -159,9 +159,7 @@ class TokenGenerator:
             return None
         if self.device.type == "cpu":
             # CPU generators consume by element count: one bulk draw equals the per-step draws
-            per_step = sum(t.numel() for t in draw_noise(None, sampling, self.text_card, self.card, self.device,
-                                                          shapes_only=True))
-            left = per_step * steps
+            left = noise_per_step(sampling, self.text_card, self.card) * steps
             while left > 0:
                 n = min(left, 1 << 20)
                 torch.empty(n).exponential_(1, generator=rng)

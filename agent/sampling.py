@@ -45,23 +45,30 @@ class StepNoise:
     audio: torch.Tensor | None  # [16, k_audio]
 
 
+def _topks(params: SamplingParams, text_card: int, audio_card: int) -> tuple[int | None, int | None]:
+    """Noise widths per step (text, audio); None where that stream is not sampled."""
+    if params.greedy:
+        return None, None
+    kt = (min(params.topk_text, text_card) if params.topk_text > 0 else text_card) if params.temp_text > 0 else None
+    ka = (min(params.topk_audio, audio_card) if params.topk_audio > 0 else audio_card) \
+        if params.temp_audio > 0 else None
+    return kt, ka
+
+
+def noise_per_step(params: SamplingParams, text_card: int, audio_card: int) -> int:
+    """Random numbers one slot draws per step (to skip the prompt steps a snapshot replaces)."""
+    kt, ka = _topks(params, text_card, audio_card)
+    return (kt or 0) + REFERENCE_DEP_Q * (ka or 0)
+
+
 def draw_noise(gen: torch.Generator | None, params: SamplingParams, text_card: int, audio_card: int,
-               device: torch.device, shapes_only: bool = False):
-    """One step's noise for one slot; with `shapes_only`, the empty tensors of the draw shapes."""
-    kt = min(params.topk_text, text_card) if params.topk_text > 0 else text_card
-    ka = min(params.topk_audio, audio_card) if params.topk_audio > 0 else audio_card
-    if shapes_only:
-        shapes = []
-        if not params.greedy and params.temp_text > 0:
-            shapes.append(torch.empty(1, kt, device="meta"))
-        if not params.greedy and params.temp_audio > 0:
-            shapes.append(torch.empty(REFERENCE_DEP_Q, ka, device="meta"))
-        return shapes
-    if gen is None or params.greedy or params.temp_text <= 0 and params.temp_audio <= 0:
+               device: torch.device) -> StepNoise:
+    """One step's noise for one slot, in the reference's order and shapes."""
+    kt, ka = _topks(params, text_card, audio_card)
+    if gen is None:
         return StepNoise(None, None)
-    text = torch.empty(1, kt, device=device).exponential_(1, generator=gen) if params.temp_text > 0 else None
-    audio = (torch.empty(REFERENCE_DEP_Q, ka, device=device).exponential_(1, generator=gen)
-             if params.temp_audio > 0 else None)
+    text = torch.empty(1, kt, device=device).exponential_(1, generator=gen) if kt else None
+    audio = torch.empty(REFERENCE_DEP_Q, ka, device=device).exponential_(1, generator=gen) if ka else None
     return StepNoise(text, audio)
 
 

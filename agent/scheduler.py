@@ -21,6 +21,7 @@ import numpy as np
 import structlog
 
 from agent.barge_in import BargeInConfig, SileroVad
+from agent.commands import run_pending
 from agent.engine import Engine
 from agent.errors import AgentError
 from agent.generator import GeneratorSnapshot, Phase
@@ -270,15 +271,7 @@ class Scheduler:
                       from_snapshot=sess.from_snapshot)
 
     def _run_commands(self) -> None:
-        while True:
-            try:
-                cmd = self._cmds.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                cmd()
-            except Exception:
-                log.exception("scheduler_command_failed")
+        run_pending(self._cmds)
 
     def _start_builds(self) -> None:
         if self._building is not None or not self._build_queue or self.spare not in self.engine.free_slots():

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from scripts.bench_common import median_ms, p99_ms, random_7b, speech_frames, tiny_model  # noqa: E402
+from scripts.bench_common import median_ms, p99_ms, speech_frames  # noqa: E402
 
 
 def caller_audio(seconds: float) -> np.ndarray:
@@ -101,6 +102,7 @@ def main() -> None:
     ap.add_argument("--calls", default="1,4,16,32")
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--vad", action="store_true", help="run barge-in VAD as in production")
+    ap.add_argument("--model-dir", help="also run with this model on CUDA (PersonaPlex 7B weights)")
     args = ap.parse_args()
     from agent.personas import load_persona_dir
     from agent.voices import STOCK_VOICES
@@ -108,17 +110,17 @@ def main() -> None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     reg = load_persona_dir(os.path.join(root, "personas"), STOCK_VOICES)
     persona = reg.route("1001")
-    models = []
     from agent.demo_model import demo_model_dir
     from agent.model_files import local_model_files
     from agent.model_loader import load_model
 
-    models.append(("tiny demo model, CPU float32", load_model(local_model_files(demo_model_dir()), device="cpu")))
-    if torch.cuda.is_available():
-        models.append(("7B architecture (random weights), CUDA bf16", None))
+    models = [("tiny demo model, CPU float32", load_model(local_model_files(demo_model_dir()), device="cpu"))]
+    if torch.cuda.is_available() and args.model_dir:
+        models.append((f"{args.model_dir}, CUDA", load_model(local_model_files(Path(args.model_dir)), device="cuda")))
+    elif torch.cuda.is_available():
+        print("CUDA present: pass --model-dir with PersonaPlex weights for 7B call figures "
+              "(scripts/bench_engine.py measures the 7B architecture without weights)")
     for name, model in models:
-        if model is None:
-            continue  # the 7B random model has no voices/tokenizer for personas; see bench_engine.py
         print(f"== {name}, persona {persona.id}, {args.seconds:.0f} s of caller audio per call ==", flush=True)
         print(f"{'calls':>5} {'step med':>9} {'step p99':>9} {'late':>10} {'overruns':>9} "
               f"{'answer cold':>12} {'answer snap':>12}")

@@ -91,10 +91,3 @@ def timed(fn) -> float:
     fn()
     return time.perf_counter() - t0
 
-
-def free_port(kind=None) -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, kind or socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

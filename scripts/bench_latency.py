@@ -101,7 +101,7 @@ async def bench_webrtc(seconds: float) -> None:
 
     import telephony.webrtc.endpoint as wep
     import telephony.webrtc.tracks as tracks
-    from scripts.bench_common import free_port
+    from tests.helpers_server import free_port
     from tests.webrtc_client import WebRtcCaller
 
     ins: list[tuple[float, np.ndarray]] = []
@@ -150,7 +150,7 @@ def bench_sip(seconds: float) -> None:
         return
     import telephony.sip.call as sipcall
     import telephony.sip.port as sipport
-    from scripts.bench_common import free_port
+    from tests.helpers_server import free_port
 
     ins: list[tuple[float, np.ndarray]] = []
     outs: list[tuple[float, np.ndarray]] = []

@@ -9,7 +9,6 @@ and sipp's median response time to 200 OK.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import socket

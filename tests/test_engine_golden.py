@@ -11,8 +11,6 @@ import json
 import shutil
 
 import numpy as np
-import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from agent.engine import Engine

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers_server import ROOT, ServerProcess, free_port, http_json, http_text, speech_wav
+from tests.helpers_server import ServerProcess, free_port, http_json, http_text, speech_wav
 
 SIPP = shutil.which("sipp")
 SCENARIOS = Path(__file__).parent / "sipp"

@@ -19,7 +19,6 @@ from typing import Any
 from agent.personas.numbers import normalize_number
 from agent.personas.safe_yaml import Located
 from agent.sampling import SamplingParams
-from agent.voices import STOCK_VOICES
 
 KINDS = ("service", "assistant", "casual", "prompt")
 COMMON_FIELDS = {"id", "kind", "numbers", "voice", "sampling", "transfer", "default", "description"}

@@ -59,7 +59,7 @@ def _cached_hub(repo: str):
     from huggingface_hub import try_to_load_from_cache
 
     if not isinstance(try_to_load_from_cache(repo, LM_FILE), str):
-        raise ModelUnavailable(f"no PersonaPlex weights in the local Hugging Face cache and no HF_TOKEN set")
+        raise ModelUnavailable("no PersonaPlex weights in the local Hugging Face cache and no HF_TOKEN set")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from agent.model_files import hub_model_files
 

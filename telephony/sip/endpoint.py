@@ -17,12 +17,21 @@ import time
 import pjsua2 as pj
 import structlog
 
+from agent.commands import run_pending
 from agent.scheduler import CallRefused
 from telephony.sip.call import SipCall
 from telephony.sip.sipmsg import allowed, dialled_user, source_ip
 
 log = structlog.get_logger(__name__)
 NAME = "sip"
+
+
+def _quietly(fn) -> None:
+    """Teardown steps: a failure must not stop the ones after it."""
+    try:
+        fn()
+    except Exception as exc:
+        log.debug("sip_teardown_step_failed", step=getattr(fn, "__name__", str(fn)), error=str(exc))
 
 
 class _LogWriter(pj.LogWriter):
@@ -198,23 +207,10 @@ class SipEndpoint:
         self._dead.clear()
 
     def _run_commands(self) -> None:
-        while True:
-            try:
-                fn = self._cmds.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                fn()
-            except pj.Error as exc:
-                log.warning("sip_command_failed", error=exc.info())
-            except Exception:
-                log.exception("sip_command_failed")
+        run_pending(self._cmds, lambda exc: exc.info() if isinstance(exc, pj.Error) else None)
 
     def _shutdown(self) -> None:
-        try:
-            self.ep.hangupAllCalls()
-        except Exception:
-            pass
+        _quietly(self.ep.hangupAllCalls)
         deadline = time.monotonic() + 2
         while self.calls and time.monotonic() < deadline:
             self.ep.libHandleEvents(20)
@@ -230,16 +226,10 @@ class SipEndpoint:
         self._dead.clear()
         gc.collect()  # anything pjsua2 in a reference cycle goes now, on this thread
         if self.account is not None:
-            try:
-                self.account.shutdown()
-            except Exception:
-                pass
+            _quietly(self.account.shutdown)
             self.account = None
         if self.ep is not None:
-            try:
-                self.ep.libDestroy()
-            except Exception:
-                pass
+            _quietly(self.ep.libDestroy)
             self.ep = None
 
     # -- incoming calls (SIP thread) ----------------------------------------------------------
