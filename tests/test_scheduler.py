@@ -178,11 +178,18 @@ def test_late_caller_audio_is_silence_and_counted(make_scheduler, personas):
 def test_outbound_queue_stays_shallow(make_scheduler, personas):
     sch = make_scheduler(max_calls=1, outbound_depth=2)
     p = personas.route("1001")
+    sch.prewarm([p])
+    assert sch.wait_idle(60)
     sess = sch.place_call(p, "1001", "test")
-    for _ in range(40):  # push audio but never pull for 1.6 s
+    # Push audio but never pull. Bounded by frame count, not by wall time: a loaded CI machine
+    # may step slower than real time, and what matters is that the queue never grows.
+    deadline = time.monotonic() + 30
+    while sess.stats.frames_out < 12 and time.monotonic() < deadline:
         sess.push_audio(np.zeros(FRAME, np.float32))
         time.sleep(0.04)
-    assert len(sess._out) <= 2 and sess.stats.outbound_dropped > 5
+        assert len(sess._out) <= 2
+    assert sess.stats.frames_out >= 12
+    assert len(sess._out) <= 2 and sess.stats.outbound_dropped >= sess.stats.frames_out - 2
     assert len(sess._in) <= 3 * FRAME
 
 
