@@ -166,6 +166,7 @@ class Scheduler:
         try:
             sess = CallSession(persona, number, endpoint, self.config.barge_in, self.config.outbound_depth,
                                self.config.inbound_backlog, call_id=call_id)
+            sess.placed_tick = self.ticks
             key = snapshot_key(persona)
             snap = self.snapshots.get(key)
             sampling = persona.sampling(self.config.default_sampling)
@@ -312,6 +313,7 @@ class Scheduler:
             try:
                 if out.first:
                     sess.answered_at = now
+                    sess.answer_ticks = self.ticks - sess.placed_tick
                     self.metrics.answer_seconds.labels(str(sess.from_snapshot).lower()).observe(now - sess.created)
                     sess.set_state("live")
                 else:

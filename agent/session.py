@@ -74,6 +74,8 @@ class CallSession:
         self.endpoint = endpoint
         self.created = time.monotonic()
         self.answered_at: float | None = None
+        self.placed_tick = 0  # engine tick at admission; answer latency in ticks is load-independent
+        self.answer_ticks: int | None = None
         self.ended_at: float | None = None
         self.state = "preparing"
         self.end_reason: str | None = None

@@ -71,7 +71,8 @@ def test_calls_answer_from_snapshots_and_stream_audio(make_scheduler, personas):
     stop = threading.Event()
     frames = caller(sess, 2.0, stop)
     assert sess.from_snapshot and sess.answered_at is not None
-    assert sess.answered_at - sess.created < 0.4  # a tick or two (loaded CI machine), not a prompt phase
+    # a tick or two, not a prompt phase (counted in engine ticks: wall time varies with CI load)
+    assert sess.answer_ticks is not None and sess.answer_ticks <= 3, sess.answer_ticks
     assert len(frames) >= 15 and any(np.abs(f.pcm).max() > 0.01 for f in frames)
     assert sess.stats.frames_in >= 15
     sess.hangup()
@@ -94,10 +95,14 @@ def test_cold_persona_builds_its_snapshot_faster_than_real_time(make_scheduler, 
         time.sleep(0.02)
     assert sess.answered_at is not None and not sess.from_snapshot
     steps = sch.engine.generator.slots[sess.slot].schedule.steps
-    assert sess.answered_at - sess.created < steps * 0.08 / 2  # at least twice real time
+    # faster than real time: spare time in each tick runs extra prompt steps (counted in ticks,
+    # which do not depend on how loaded the machine is the way wall time does)
+    assert 3 < sess.answer_ticks < steps / 2, (sess.answer_ticks, steps)
     assert len(sch.snapshots) == 1  # left behind for the next call
     second = sch.place_call(mars, "1005", "test")
-    time.sleep(0.3)
+    deadline = time.monotonic() + 5
+    while second.state == "preparing" and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert second.from_snapshot
 
 
