@@ -41,6 +41,14 @@ def make_scheduler(demo_model):
         s.stop()
 
 
+def wait_for(cond, timeout=20.0, step=0.02):
+    """Poll until cond() holds (bounded); tests wait on engine progress, never on fixed sleeps."""
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(step)
+    return cond()
+
+
 def caller(sess, seconds, stop, seed=1):
     """Push caller audio in real time (20 ms packets), pull agent frames as an endpoint would."""
     pcm = speechlike(seconds, seed)
@@ -162,7 +170,7 @@ def test_dead_endpoint_and_long_calls_are_ended(make_scheduler, personas):
     talker = sch.place_call(p, "1001", "test")
     stop = threading.Event()
     caller(talker, 2.0, stop)
-    time.sleep(0.3)
+    assert wait_for(lambda: silent.state == "ended" and talker.state == "ended", 10)
     assert silent.end_reason == "endpoint_timeout"
     assert talker.end_reason == "max_duration" and 12 <= talker.live_frames <= 14
 
@@ -175,7 +183,7 @@ def test_late_caller_audio_is_silence_and_counted(make_scheduler, personas):
     while sess.state != "live" and time.monotonic() < deadline:
         sess.pull_frame()
         time.sleep(0.02)
-    time.sleep(0.8)
+    assert wait_for(lambda: sess.pull_frame() is None and sess.stats.late_inbound >= 5, 10)
     sess.pull_frame()
     assert sess.stats.late_inbound >= 5 and sch.metrics.late_inbound._value.get() >= 5
 
@@ -232,13 +240,12 @@ def test_barge_in_flushes_playout_and_bumps_generation(make_scheduler, personas)
     while sess.state != "live" and time.monotonic() < deadline:
         sess.push_audio(np.zeros(960, np.float32))
         time.sleep(0.04)
-    time.sleep(0.2)
-    assert len(sess._out) > 0
+    assert wait_for(lambda: len(sess._out) > 0, 10)
     gen = sess.generation
     sess.barge_in()
     assert len(sess._out) == 0 and sess.generation == gen + 1
     assert any(e.kind == "barge_in" for e in events)
-    time.sleep(0.2)
+    assert wait_for(lambda: len(sess._out) > 0, 10)
     f = sess.pull_frame()
     assert f is not None and f.generation == gen + 1  # what plays next follows the model after the barge-in
 
