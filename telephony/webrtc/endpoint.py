@@ -22,6 +22,7 @@ from aiortc.mediastreams import MediaStreamError
 from agent.scheduler import CallRefused
 from agent.session import CallSession, Event
 from telephony.audio import FrameResampler, Playout
+from telephony.webrtc.offer import drop_mdns_candidates
 from telephony.webrtc.tracks import PACKET, RATE, AgentAudioTrack
 
 log = structlog.get_logger(__name__)
@@ -182,8 +183,11 @@ class WebRtcEndpoint:
         pc = RTCPeerConnection(RTCConfiguration(iceServers=ice) if ice else None)
         call = WebRtcCall(self, pc, session)
         self.calls.add(call)
+        clean = drop_mdns_candidates(offer.sdp)
+        if clean.mdns_dropped:
+            session.log.info("webrtc_mdns_candidates_dropped", count=clean.mdns_dropped)
         try:
-            await pc.setRemoteDescription(offer)
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=clean.sdp, type=offer.type))
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:
             session.log.warning("webrtc_bad_offer", error=str(exc))

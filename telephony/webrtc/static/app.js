@@ -5,7 +5,8 @@ const $ = (id) => document.getElementById(id);
 const stats = { agentPeak: 0, agentLoudFrames: 0, texts: 0, events: [], state: "idle" };
 window.__call = stats;
 
-let pc = null, channel = null, mic = null, timer = null, started = 0, meterTimer = null, audioCtx = null;
+let pc = null, channel = null, mic = null, timer = null, started = 0, meterTimer = null, statsTimer = null;
+let audioCtx = null;
 
 function status(text, error = false) {
   $("status").textContent = text;
@@ -35,26 +36,25 @@ function level(analyser, buf) {
 }
 
 function startMeters(localStream) {
-  audioCtx = audioCtx || new AudioContext();
   const inA = audioCtx.createAnalyser();
   audioCtx.createMediaStreamSource(localStream).connect(inA);
   const inBuf = new Float32Array(inA.fftSize);
-  let outA = null, outBuf = null;
-  meterTimer = setInterval(() => {
-    $("in-level").value = Math.min(1, level(inA, inBuf) * 4);
-    const remote = $("remote").srcObject;
-    if (!outA && remote && remote.getAudioTracks().length) {
-      outA = audioCtx.createAnalyser();
-      audioCtx.createMediaStreamSource(remote).connect(outA);
-      outBuf = new Float32Array(outA.fftSize);
-    }
-    if (outA) {
-      const l = level(outA, outBuf);
-      $("out-level").value = Math.min(1, l * 4);
-      stats.agentPeak = Math.max(stats.agentPeak, l);
-      if (l > 0.003) stats.agentLoudFrames += 1;
-    }
-  }, 50);
+  meterTimer = setInterval(() => { $("in-level").value = Math.min(1, level(inA, inBuf) * 4); }, 50);
+  statsTimer = setInterval(agentLevel, 200);
+}
+
+// The agent's level comes from the receiver's own statistics (the decoded audio level), not from
+// Web Audio: it needs no running AudioContext, which browsers without an output device (and
+// Firefox before a user gesture) never start.
+async function agentLevel() {
+  if (!pc) return;
+  const report = await pc.getStats();
+  report.forEach((s) => {
+    if (s.type !== "inbound-rtp" || s.kind !== "audio" || typeof s.audioLevel !== "number") return;
+    $("out-level").value = Math.min(1, s.audioLevel * 4);
+    stats.agentPeak = Math.max(stats.agentPeak, s.audioLevel);
+    if (s.audioLevel > 0.003) stats.agentLoudFrames += 1;
+  });
 }
 
 function tick() {
@@ -85,6 +85,10 @@ function onEvent(msg) {
 
 async function call() {
   $("call").disabled = true;
+  // Made here, inside the click, while the page has the user's gesture: browsers (Firefox
+  // especially) keep an AudioContext made later, after the awaits below, suspended and silent.
+  audioCtx = audioCtx || new AudioContext();
+  audioCtx.resume();
   $("transcript").textContent = "";
   status("Asking for the microphone…");
   try {
@@ -145,6 +149,7 @@ async function call() {
 function cleanup() {
   clearInterval(timer);
   clearInterval(meterTimer);
+  clearInterval(statsTimer);
   if (pc) pc.close();
   if (mic) mic.getTracks().forEach((t) => t.stop());
   pc = null; channel = null; mic = null;

@@ -1,0 +1,42 @@
+"""Browser offers whose host candidates are hidden behind mDNS names.
+
+Browsers hide their local addresses behind random `<uuid>.local` names unless the page holds a
+capture permission they count (Firefox's fake devices, some Chromium and Safari set-ups). The
+server can only resolve those names by multicast DNS on the caller's own LAN, which a server in a
+data centre or a container never is: aioice then spends a second per name failing to resolve it,
+and, once end-of-candidates says there are no more, gives up on ICE and answers with no
+candidates of its own, so the call can never connect.
+
+It does not need them. The browser sends its connectivity checks to the server's candidates, and
+the server learns the browser's address from those checks (a peer-reflexive candidate, RFC 8445
+section 7.3.1.3). So we drop the mDNS candidates before aiortc sees the offer, and with them the
+end-of-candidates marker, which keeps ICE waiting for the browser's checks instead of failing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CleanOffer:
+    sdp: str
+    mdns_dropped: int  # how many mDNS host candidates were removed
+
+
+def _is_mdns_candidate(line: str) -> bool:
+    # a=candidate:<foundation> <component> <transport> <priority> <address> <port> typ ...
+    parts = line.split()
+    return len(parts) > 4 and parts[4].lower().endswith(".local")
+
+
+def drop_mdns_candidates(sdp: str) -> CleanOffer:
+    """The offer without its mDNS candidates (and, if any were dropped, without
+    end-of-candidates); an offer without mDNS candidates comes back unchanged."""
+    lines = sdp.splitlines()
+    kept = [ln for ln in lines if not (ln.startswith("a=candidate:") and _is_mdns_candidate(ln))]
+    dropped = len(lines) - len(kept)
+    if not dropped:
+        return CleanOffer(sdp, 0)
+    kept = [ln for ln in kept if ln.strip() != "a=end-of-candidates"]
+    return CleanOffer("".join(ln + "\r\n" for ln in kept), dropped)
