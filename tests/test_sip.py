@@ -377,3 +377,25 @@ def test_session_timer_is_negotiated(sip_server, tmp_path):
     assert rc == 0, msgs[-3000:]
     ok = msgs[msgs.index("SIP/2.0 200 OK"):]
     assert "Session-Expires: 120;refresher=uac" in ok
+
+
+def test_session_timer_refresh_keeps_the_call_and_expiry_ends_it(tmp_path, demo_dir):
+    """RFC 4028 with the caller as refresher: its refresh (UPDATE at 40 s) carries the call past
+    the first 90 s expiry; when no refresh follows, the agent ends the call itself (BYE before
+    the refreshed session expires at 130 s) and frees the slot. About 100 s: the RFC's minimum
+    session is 90 s."""
+    srv = ServerProcess(tmp_path, demo_dir.parent, {"sip": {"enabled": True, "rtp_port": 27000,
+                                                            "rtp_timeout_s": 600}})
+    try:
+        srv.wait_ready()
+        rc, msgs = sipp(srv, SCENARIOS / "uac_session_timer.xml", "1001", tmp_path, {"@REFRESH_MS@": "40000"},
+                        timeout=170)
+        assert rc == 0, msgs[-3000:]
+        assert "Session-Expires: 90;refresher=uac" in msgs[msgs.index("SIP/2.0 200 OK"):]
+        (end,) = call_ends(srv, 1, timeout=10)
+        assert end["reason"] == "session_expired", end
+        # after the first expiry (refreshed: the call went on) and before the second one
+        assert 90 < end["duration_s"] < 130, end
+        assert wait_calls_gone(srv)
+    finally:
+        assert srv.stop() == 0

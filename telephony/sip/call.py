@@ -87,7 +87,12 @@ class SipCall(pj.Call):
         elif ci.state == pj.PJSIP_INV_STATE_DISCONNECTED:
             self.disconnected = True
             if self.session is not None:
+                self.session.log.info("sip_disconnected", status=ci.lastStatusCode, reason=ci.lastReason)
                 reason = "caller_hangup" if self.confirmed else "cancelled"
+                if self.confirmed and ci.lastStatusCode == 408:
+                    # pjsip ended the call itself: the caller stopped refreshing its session
+                    # timer (RFC 4028), or an in-dialog request got no answer
+                    reason = "session_expired" if "refresh" in ci.lastReason.lower() else "sip_timeout"
                 if self.transfer_pending:
                     reason = "transferred"
                 self.session.hangup(reason)
