@@ -107,3 +107,24 @@ def speech_wav(path: Path, text: str, rate: int) -> Path:
     subprocess.run(["sox", str(raw), "-r", str(rate), "-c", "1", "-b", "16", str(path)], check=True,
                    capture_output=True)
     return path
+
+
+def wait_caller_heard(srv: "ServerProcess", timeout: float = 15.0) -> dict:
+    """The only call in progress, once the server has received the caller's audio (or the
+    timeout passed: the caller's assertions then say what was missing)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        (call,) = http_json(srv.url + "/api/calls")[1]["calls"]
+        if (call["frames_in"] > 10 and call["caller_peak"] > 0.05) or time.monotonic() > deadline:
+            return call
+        time.sleep(0.2)
+
+
+def wait_capacity(srv: "ServerProcess", capacity_left: int, timeout: float = 10.0) -> dict:
+    """/readyz once it reports `capacity_left` free slots (or the timeout passed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, ready = http_json(srv.url + "/readyz")
+        if (status == 200 and ready["capacity_left"] == capacity_left) or time.monotonic() > deadline:
+            return ready
+        time.sleep(0.2)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.helpers_server import ROOT, ServerProcess, http_json, speech_wav
+from tests.helpers_server import ROOT, ServerProcess, http_json, speech_wav, wait_caller_heard, wait_capacity
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = ROOT / "artifacts"
@@ -66,12 +66,7 @@ def test_browser_call_end_to_end(server, browser):
     wait_for(page, "window.__call.state === 'connected'")
     # the page hears the agent (non-silent WebRTC audio) and receives its text events
     wait_for(page, "window.__call.agentLoudFrames > 5 && window.__call.texts > 3", 40)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        (call,) = http_json(server.url + "/api/calls")[1]["calls"]
-        if call["frames_in"] > 10 and call["caller_peak"] > 0.05:
-            break
-        time.sleep(0.2)
+    call = wait_caller_heard(server)
     assert call["persona"] == "citysan" and call["endpoint"] == "webrtc" and call["state"] == "live"
     assert call["frames_in"] > 10 and call["caller_peak"] > 0.05  # the fake microphone's speech arrived
     ARTIFACTS.mkdir(exist_ok=True)
@@ -86,12 +81,7 @@ def test_browser_call_end_to_end(server, browser):
 
     # hanging up frees the slot
     page.click("#hangup")
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        status, ready = http_json(server.url + "/readyz")
-        if status == 200 and ready["capacity_left"] == 1:
-            break
-        time.sleep(0.2)
+    ready = wait_capacity(server, 1)
     assert ready["capacity_left"] == 1 and http_json(server.url + "/api/calls")[1]["calls"] == []
     ends = [ln for ln in server.lines() if ln.get("event") == "call_end"]
     assert ends and ends[-1]["reason"] == "caller_hangup" and ends[-1]["call_id"] == call["call_id"]

@@ -8,12 +8,11 @@ names (the server must still connect), and it keeps an AudioContext made without
 from __future__ import annotations
 
 import importlib.util
-import time
 
 import pytest
 
 from tests.firefox import FIREFOX
-from tests.helpers_server import ROOT, ServerProcess, http_json
+from tests.helpers_server import ROOT, ServerProcess, http_json, wait_caller_heard, wait_capacity
 
 ARTIFACTS = ROOT / "artifacts"
 
@@ -48,12 +47,7 @@ def test_firefox_call_end_to_end(server, firefox):
     firefox.wait_for("w.__call.state === 'live'")
     # the page hears the agent (decoded, non-silent audio) and receives its text events
     firefox.wait_for("w.__call.agentLoudFrames > 5 && w.__call.texts > 3", 40)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        (call,) = http_json(server.url + "/api/calls")[1]["calls"]
-        if call["frames_in"] > 10 and call["caller_peak"] > 0.05:
-            break
-        time.sleep(0.2)
+    call = wait_caller_heard(server)
     assert call["persona"] == "citysan" and call["endpoint"] == "webrtc" and call["state"] == "live"
     assert call["frames_in"] > 10 and call["caller_peak"] > 0.05  # Firefox's fake microphone tone arrived
     # Firefox offered only mDNS host candidates; the server dropped them and still connected
@@ -64,12 +58,7 @@ def test_firefox_call_end_to_end(server, firefox):
     firefox.screenshot(ARTIFACTS / "webrtc-call-firefox.png")
 
     m.find_element("id", "hangup").click()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        status, ready = http_json(server.url + "/readyz")
-        if status == 200 and ready["capacity_left"] == 1:
-            break
-        time.sleep(0.2)
+    ready = wait_capacity(server, 1)
     assert ready["capacity_left"] == 1 and http_json(server.url + "/api/calls")[1]["calls"] == []
     ends = [ln for ln in server.lines() if ln.get("event") == "call_end"]
     assert ends and ends[-1]["reason"] == "caller_hangup" and ends[-1]["call_id"] == call["call_id"]
