@@ -52,6 +52,18 @@ def demo_dir(tmp_path_factory) -> Path:
     return demo_model_dir(cache)
 
 
+@pytest.fixture
+def server(tmp_path, demo_dir):
+    """The real server (subprocess) on the demo model, with a single call slot: browser tests
+    see both a call and "server busy" with it."""
+    from tests.helpers_server import ServerProcess
+
+    srv = ServerProcess(tmp_path, demo_dir.parent, {"engine": {"max_calls": 1, "retry_after_s": 3}})
+    srv.wait_ready()
+    yield srv
+    srv.stop()
+
+
 @pytest.fixture(scope="session")
 def demo_model(demo_dir):
     from agent.model_files import local_model_files

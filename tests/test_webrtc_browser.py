@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.helpers_server import ROOT, ServerProcess, http_json, speech_wav, wait_caller_heard, wait_capacity
+from tests.helpers_server import ROOT, http_json, speech_wav, wait_caller_heard, wait_capacity
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = ROOT / "artifacts"
@@ -36,14 +36,6 @@ def browser(mic_wav):
             "--autoplay-policy=no-user-gesture-required"])
         yield b
         b.close()
-
-
-@pytest.fixture
-def server(tmp_path, demo_dir):
-    srv = ServerProcess(tmp_path, demo_dir.parent, {"engine": {"max_calls": 1, "retry_after_s": 3}})
-    srv.wait_ready()
-    yield srv
-    srv.stop()
 
 
 def wait_for(page, expr: str, timeout: float = 30.0):

@@ -12,21 +12,13 @@ import importlib.util
 import pytest
 
 from tests.firefox import FIREFOX
-from tests.helpers_server import ROOT, ServerProcess, http_json, wait_caller_heard, wait_capacity
+from tests.helpers_server import ROOT, http_json, wait_caller_heard, wait_capacity
 
 ARTIFACTS = ROOT / "artifacts"
 
 pytestmark = pytest.mark.skipif(
     FIREFOX is None or importlib.util.find_spec("marionette_driver") is None,
     reason="needs Debian's firefox-esr and marionette_driver (both installed by scripts/setup.sh)")
-
-
-@pytest.fixture
-def server(tmp_path, demo_dir):
-    srv = ServerProcess(tmp_path, demo_dir.parent, {"engine": {"max_calls": 1, "retry_after_s": 3}})
-    srv.wait_ready()
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture
