@@ -109,22 +109,29 @@ def speech_wav(path: Path, text: str, rate: int) -> Path:
     return path
 
 
+
+def poll(fetch, done, timeout: float, step: float = 0.2):
+    """Call `fetch` until `done(value)` holds or `timeout` s have passed; return the last value.
+    Tests wait on what the system did, bounded, never on fixed sleeps (CI machines are slow)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fetch()
+        if done(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(step)
+
+
 def wait_caller_heard(srv: "ServerProcess", timeout: float = 15.0) -> dict:
     """The only call in progress, once the server has received the caller's audio (or the
     timeout passed: the caller's assertions then say what was missing)."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def only_call():
         (call,) = http_json(srv.url + "/api/calls")[1]["calls"]
-        if (call["frames_in"] > 10 and call["caller_peak"] > 0.05) or time.monotonic() > deadline:
-            return call
-        time.sleep(0.2)
+        return call
+    return poll(only_call, lambda c: c["frames_in"] > 10 and c["caller_peak"] > 0.05, timeout)
 
 
 def wait_capacity(srv: "ServerProcess", capacity_left: int, timeout: float = 10.0) -> dict:
     """/readyz once it reports `capacity_left` free slots (or the timeout passed)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status, ready = http_json(srv.url + "/readyz")
-        if (status == 200 and ready["capacity_left"] == capacity_left) or time.monotonic() > deadline:
-            return ready
-        time.sleep(0.2)
+    status_ready = poll(lambda: http_json(srv.url + "/readyz"),
+                        lambda r: r[0] == 200 and r[1]["capacity_left"] == capacity_left, timeout)
+    return status_ready[1]

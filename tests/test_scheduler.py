@@ -17,6 +17,7 @@ from agent.scheduler import CallRefused, Scheduler, SchedulerConfig
 from agent.session import FRAME
 from agent.voices import STOCK_VOICES
 from tests.conftest import speechlike
+from tests.helpers_server import poll
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,12 +42,9 @@ def make_scheduler(demo_model):
         s.stop()
 
 
-def wait_for(cond, timeout=20.0, step=0.02):
-    """Poll until cond() holds (bounded); tests wait on engine progress, never on fixed sleeps."""
-    deadline = time.monotonic() + timeout
-    while not cond() and time.monotonic() < deadline:
-        time.sleep(step)
-    return cond()
+def wait_for(cond, timeout=20.0):
+    """Until cond() holds (bounded): tests wait on engine progress, never on fixed sleeps."""
+    return poll(cond, bool, timeout, step=0.02)
 
 
 def caller(sess, seconds, stop, seed=1):
@@ -108,9 +106,7 @@ def test_cold_persona_builds_its_snapshot_faster_than_real_time(make_scheduler, 
     assert 3 < sess.answer_ticks < steps / 2, (sess.answer_ticks, steps)
     assert len(sch.snapshots) == 1  # left behind for the next call
     second = sch.place_call(mars, "1005", "test")
-    deadline = time.monotonic() + 5
-    while second.state == "preparing" and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert wait_for(lambda: second.state != "preparing", 5)
     assert second.from_snapshot
 
 
@@ -184,7 +180,6 @@ def test_late_caller_audio_is_silence_and_counted(make_scheduler, personas):
         sess.pull_frame()
         time.sleep(0.02)
     assert wait_for(lambda: sess.pull_frame() is None and sess.stats.late_inbound >= 5, 10)
-    sess.pull_frame()
     assert sess.stats.late_inbound >= 5 and sch.metrics.late_inbound._value.get() >= 5
 
 

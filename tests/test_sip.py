@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers_server import ServerProcess, free_port, http_json, http_text, speech_wav
+from tests.helpers_server import ServerProcess, free_port, http_json, http_text, poll, speech_wav
 
 SIPP = shutil.which("sipp")
 SCENARIOS = Path(__file__).parent / "sipp"
@@ -57,21 +57,12 @@ def sip_server(tmp_path_factory, demo_dir):
 
 def call_ends(srv, at_least: int = 1, timeout: float = 5.0) -> list[dict]:
     """call_end log lines of SIP calls (waits for the line: the log is written after the slot is freed)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        ends = [ln for ln in srv.lines() if ln.get("event") == "call_end" and ln.get("endpoint") == "sip"]
-        if len(ends) >= at_least or time.monotonic() > deadline:
-            return ends
-        time.sleep(0.1)
+    return poll(lambda: [ln for ln in srv.lines() if ln.get("event") == "call_end" and ln.get("endpoint") == "sip"],
+                lambda ends: len(ends) >= at_least, timeout, step=0.1)
 
 
 def wait_calls_gone(srv, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not http_json(srv.url + "/api/calls")[1]["calls"]:
-            return True
-        time.sleep(0.1)
-    return False
+    return not poll(lambda: http_json(srv.url + "/api/calls")[1]["calls"], lambda calls: not calls, timeout, step=0.1)
 
 
 def sipp(srv, scenario: Path, service: str, tmp: Path, replace: dict | None = None, timeout: int = 30):

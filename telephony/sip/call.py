@@ -90,9 +90,9 @@ class SipCall(pj.Call):
                 self.session.log.info("sip_disconnected", status=ci.lastStatusCode, reason=ci.lastReason)
                 reason = "caller_hangup" if self.confirmed else "cancelled"
                 if self.confirmed and ci.lastStatusCode == 408:
-                    # pjsip ended the call itself: the caller stopped refreshing its session
-                    # timer (RFC 4028), or an in-dialog request got no answer
-                    reason = "session_expired" if "refresh" in ci.lastReason.lower() else "sip_timeout"
+                    # pjsip ended an established call itself: its session timer (RFC 4028)
+                    # expired without a refresh (we send no other in-dialog requests that end it)
+                    reason = "session_expired"
                 if self.transfer_pending:
                     reason = "transferred"
                 self.session.hangup(reason)
