@@ -1,6 +1,6 @@
 """Barge-in: noticing that the caller talks over the agent, without being fooled by echo.
 
-Caller speech is detected with Silero VAD (16 kHz, 32 ms chunks). A barge-in is declared when
+Caller speech is detected with Silero VAD (16 kHz, 32 ms chunks, `agent.vad`). A barge-in is declared when
 the caller has spoken for `min_speech_ms` while the agent is speaking, unless the agent started
 speaking less than `agent_guard_ms` ago (a phone line's echo of the agent's own voice arrives
 then); such speech is counted as suppressed.
@@ -11,9 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-VAD_RATE = 16000
-VAD_CHUNK = 512  # samples at 16 kHz (32 ms), what Silero VAD expects
 
 
 @dataclass(frozen=True)
@@ -64,32 +61,3 @@ class BargeInDetector:
         if (speech_start - self.agent_start_t) * 1000 < self.cfg.agent_guard_ms:
             return "suppressed"
         return "barge_in"
-
-
-class SileroVad:
-    """One caller's VAD stream: 24 kHz frames in, speech probabilities per 32 ms out."""
-
-    def __init__(self):
-        import silero_vad
-
-        self.model = silero_vad.load_silero_vad()
-        self._pending = np.zeros(0, dtype=np.float32)
-
-    def reset(self) -> None:
-        """Ready for another call (models are pooled: loading one takes tens of ms)."""
-        self.model.reset_states()
-        self._pending = np.zeros(0, dtype=np.float32)
-
-    def feed(self, pcm24k: np.ndarray) -> list[float]:
-        import torch
-        from scipy.signal import resample_poly
-
-        x = resample_poly(np.asarray(pcm24k, dtype=np.float32), 2, 3).astype(np.float32)
-        self._pending = np.concatenate([self._pending, x])
-        probs = []
-        with torch.inference_mode():
-            while len(self._pending) >= VAD_CHUNK:
-                chunk = torch.from_numpy(self._pending[:VAD_CHUNK].copy())
-                self._pending = self._pending[VAD_CHUNK:]
-                probs.append(float(self.model(chunk, VAD_RATE).item()))
-        return probs

@@ -3,11 +3,14 @@
 `Engine.step` takes one 1920-sample frame of caller audio (24 kHz) per live slot, runs Mimi's
 encoder, one batched LM step for every busy slot, and Mimi's decoder, and returns each emitting
 slot's agent audio frame and text token. It is synchronous and single-threaded on purpose: the
-scheduler owns the real-time loop and calls it from its own thread.
+scheduler owns the real-time loop and calls it from its own thread. Calls start through
+`prepare` (any thread: prompt tokens, voice, prefill plan, random generator) and `prefill`
+(engine thread: the prompt phase as one forward, `agent.prefill`).
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,8 +18,9 @@ import structlog
 import torch
 
 from agent.codec import BatchedCodec
-from agent.generator import AGENT, CALLER, GeneratorSnapshot, Phase, TokenGenerator
+from agent.generator import AGENT, CALLER, Phase, TokenGenerator
 from agent.model_loader import LoadedModel
+from agent.prefill import PrefillRun, StartPlan
 from agent.prompt import PromptSchedule, build_schedule, tokenize_prompt
 from agent.sampling import SamplingParams
 from agent.voices import VoicePrompt, encode_voice_wav, load_voice_pt, resolve_voice
@@ -59,6 +63,7 @@ class Engine:
         self.frame_size = self.codec.frame_size
         self.sample_rate = self.codec.sample_rate
         self._voice_cache: dict[str, VoicePrompt] = {}
+        self._voice_lock = threading.Lock()  # voices load on start-preparation threads
         self._voice_mimi = None
 
     def close(self) -> None:
@@ -72,18 +77,21 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- prompts ------------------------------------------------------------------------------
+    # -- prompts (any thread) -----------------------------------------------------------------
     def voice(self, spec: str, allow_paths: bool = False) -> VoicePrompt:
-        """Load (once) a voice by stock name or, from trusted config, by path."""
+        """Load (once) a voice by stock name or, from trusted config, by path. A custom wav is
+        Mimi-encoded here, once: call it from a worker thread, never an event loop."""
         path = resolve_voice(spec, self.model.files.voices_dir, allow_paths=allow_paths)
         key = str(path.resolve())
-        if key not in self._voice_cache:
-            if path.suffix == ".pt":
-                self._voice_cache[key] = load_voice_pt(path)
-            else:
-                self._voice_cache[key] = encode_voice_wav(path, self._mimi_for_voices, self.sample_rate,
-                                                          self.frame_size)
-        return self._voice_cache[key]
+        with self._voice_lock:
+            cached = self._voice_cache.get(key)
+            if cached is None:
+                if path.suffix == ".pt":
+                    cached = load_voice_pt(path)
+                else:
+                    cached = encode_voice_wav(path, self._mimi_for_voices, self.sample_rate, self.frame_size)
+                self._voice_cache[key] = cached
+        return cached
 
     def _mimi_for_voices(self):
         """A second Mimi, outside the batched streaming state, for encoding custom voices."""
@@ -100,31 +108,44 @@ class Engine:
             raise ValueError(f"prompt needs {sch.steps} model steps; the context holds {self.model.context}")
         return sch
 
-    # -- slots --------------------------------------------------------------------------------
+    def prepare(self, schedule: PromptSchedule, sampling: SamplingParams | None = None,
+                seed: int | None = None) -> StartPlan:
+        """Everything a call's start needs but the model (thread-safe, off the engine thread)."""
+        sampling = sampling or self.default_sampling
+        plan = self.generator.plan(schedule)
+        return StartPlan(plan, sampling, self.generator.prepared_rng(sampling, seed, plan.steps))
+
+    # -- slots (engine thread) ----------------------------------------------------------------
     def free_slots(self) -> list[int]:
         return self.generator.free_rows()
 
+    def prefill(self, starts: list[tuple[int, StartPlan]]) -> PrefillRun:
+        """A prefill of these calls' prompt phases into these free slots; run it with
+        `advance()` (in chunks if need be), then `install()`."""
+        return PrefillRun(self.generator, starts)
+
     def start(self, slot: int, schedule: PromptSchedule, sampling: SamplingParams | None = None,
-              seed: int | None = None, hold_before_last: bool = False) -> None:
-        self.generator.start(slot, schedule, sampling or self.default_sampling, seed, hold_before_last)
+              seed: int | None = None) -> None:
+        """Start a call now: its prompt phase as one forward; its first frame comes out of the
+        next step."""
+        run = self.prefill([(slot, self.prepare(schedule, sampling, seed))])
+        run.advance()
+        run.install()
 
-    def held(self, slot: int) -> bool:
-        return self.generator.held(slot)
-
-    def capture(self, slot: int) -> GeneratorSnapshot:
-        """Snapshot of a slot held just before its final prompt step (see `start(hold_before_last)`)."""
-        return self.generator.capture(slot)
-
-    def restore(self, slot: int, snap: GeneratorSnapshot, sampling: SamplingParams | None = None,
-                seed: int | None = None, rng=None) -> None:
-        """Start a call from a snapshot; its first frame comes out of the next step."""
-        self.generator.restore(slot, snap, sampling or self.default_sampling, seed, rng)
+    def start_stepped(self, slot: int, schedule: PromptSchedule, sampling: SamplingParams | None = None,
+                      seed: int | None = None) -> None:
+        """Start a call whose prompt phase is stepped frame by frame (the reference path)."""
+        self.generator.start(slot, schedule, sampling or self.default_sampling, seed)
 
     def release(self, slot: int) -> None:
         self.generator.free(slot)
 
     def phase(self, slot: int) -> Phase:
         return self.generator.slots[slot].phase
+
+    def position(self, slot: int) -> int:
+        """Model steps the slot has taken (prompt phase included): what fills the context."""
+        return self.generator.slots[slot].offset
 
     def busy(self) -> bool:
         return any(s.phase is not Phase.FREE for s in self.generator.slots)
@@ -175,4 +196,4 @@ class Engine:
                 return res[slot]
 
 
-__all__ = ["Engine", "FrameOut", "text_label", "text_piece", "CALLER"]
+__all__ = ["Engine", "FrameOut", "StartPlan", "text_label", "text_piece", "CALLER"]

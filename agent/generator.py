@@ -1,8 +1,8 @@
 """Batched, full-duplex PersonaPlex token generation on moshi's `LMModel`.
 
 Call slots are rows of one batch stepped together (one transformer forward per 80 ms frame for
-all calls). Each row has its own position: a slot can run its prompt phase while its neighbours
-talk, be freed, and be reused, without changing what the other rows produce.
+all calls). Each row has its own position: a slot can start while its neighbours talk, be freed,
+and be reused, without changing what the other rows produce.
 
 Timing. Step `o` of a slot feeds token column `o` to the transformer and predicts column `o+1`.
 A live step writes the caller's codes for the current frame into column `o` (codebook 0) and
@@ -11,8 +11,12 @@ step it arrives (as upstream moshi's `LMGen` does). The PersonaPlex reference co
 later; the conditional structure is the same, so live output `i` here equals the reference's live
 output `i+1`, and the last prompt step here emits the reference's first live output.
 
-During the prompt phase all of column `o+1` is forced (`PromptSchedule.items`), so the
-depformer is skipped unless some row needs sampling.
+Prompt phase. Every input of the prompt phase is known in advance (`PromptSchedule`), so all of
+it but its final step is normally run as one transformer forward (`agent.prefill`); `plan`
+computes, off the engine thread, the token columns those steps feed and the token ring they leave
+behind, and `install` puts a prefilled row in place. The final prompt step then runs in the
+ordinary batched step and emits the call's first frame. `start` keeps the step-by-step prompt
+phase: it is the reference the prefill path is tested against.
 """
 
 from __future__ import annotations
@@ -23,12 +27,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from agent.prompt import NUM_STREAMS, PromptSchedule
+from agent.prompt import PromptSchedule
 from agent.sampling import SamplingParams, StepNoise, draw_noise, noise_per_step, sample_rows
-from agent.slot_state import RowState, capture_row, materialize_states, restore_row
+from agent.slot_state import materialize_states
+from agent.timebase import AGENT, CALLER, NUM_STREAMS
 
-AGENT = slice(1, 9)
-CALLER = slice(9, 17)
 RING = 4  # token ring length: the reference's cache layout (voice files store a ring of 4)
 
 
@@ -45,20 +48,26 @@ class SlotState:
     schedule: PromptSchedule | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     rng: torch.Generator | None = None
-    hold_before_last: bool = False  # stop before the final prompt step (snapshot building)
 
 
-@dataclass
-class GeneratorSnapshot:
-    """A slot's state just before its final prompt step: everything the prompt decided."""
+@dataclass(frozen=True)
+class PromptPlan:
+    """What a slot's prompt phase does, minus the model: computed off the engine thread.
+
+    `columns[o]` is the token column step `o` feeds (rows before the voice embeddings end are
+    unused: those steps feed `schedule.embeddings`); `cache`/`provided` are the token ring after
+    the `steps` prefilled steps, i.e. just before the final prompt step.
+    """
 
     schedule: PromptSchedule
-    rows: RowState
-    cache: torch.Tensor  # [17, RING]
-    provided: torch.Tensor  # [17, RING]
+    columns: torch.Tensor  # [steps, 17] int64
+    cache: torch.Tensor  # [17, RING] int64
+    provided: torch.Tensor  # [17, RING] bool
 
-    def nbytes(self) -> int:
-        return self.rows.nbytes()
+    @property
+    def steps(self) -> int:
+        """Steps run by the prefill: all of the prompt phase but its final step."""
+        return self.schedule.steps - 1
 
 
 @dataclass
@@ -85,6 +94,10 @@ class TokenGenerator:
             raise ValueError(f"unsupported delays {delays}")
         self.delays = torch.tensor(delays, device=self.device, dtype=torch.long)
         self.initial = lm._get_initial_token()[0, :, 0].to(self.device)  # [17]
+        # host copies for `plan`, which runs on other threads and must not touch the device
+        self._delays_l = [int(d) for d in delays]
+        self._initial_l = [int(t) for t in self.initial.cpu()]
+        self._ungenerated = int(lm.ungenerated_token_id)
         B = batch_size
         self.cache = torch.full((B, NUM_STREAMS, RING), lm.ungenerated_token_id, dtype=torch.long,
                                 device=self.device)
@@ -105,14 +118,15 @@ class TokenGenerator:
     def free_rows(self) -> list[int]:
         return [b for b, s in enumerate(self.slots) if s.phase is Phase.FREE]
 
-    def _rng(self, sampling: SamplingParams, seed: int | None) -> torch.Generator | None:
+    def new_rng(self, sampling: SamplingParams, seed: int | None) -> torch.Generator | None:
         if sampling.greedy:
             return None
         rng = torch.Generator(device=self.device)
         rng.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
         return rng
 
-    def _reset_row(self, row: int) -> None:
+    def reset_row(self, row: int) -> None:
+        """Clear `row`'s model state (KV positions, offsets); the row must be free."""
         if self.slots[row].phase is not Phase.FREE:
             raise RuntimeError(f"slot {row} is busy")
         mask = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
@@ -121,42 +135,79 @@ class TokenGenerator:
         self._exec_mask = None
 
     def start(self, row: int, schedule: PromptSchedule, sampling: SamplingParams,
-              seed: int | None = None, hold_before_last: bool = False) -> None:
-        """Begin a call in `row`: reset its model state and queue its prompt phase.
-
-        With `hold_before_last` the slot stops one step short of the end of its prompt phase,
-        ready for `capture` (a snapshot) instead of going live.
-        """
-        self._reset_row(row)
-        self.cache[row] = self.lm.ungenerated_token_id
+              seed: int | None = None) -> None:
+        """Begin a call in `row` with its prompt phase stepped one frame per step (the reference
+        path; calls normally start through `agent.prefill`)."""
+        self.reset_row(row)
+        self.cache[row] = self._ungenerated
         self.provided[row] = False
         # Columns before a stream's delay has elapsed hold its initial token (forced).
-        for k, d in enumerate(self.delays.tolist()):
+        for k, d in enumerate(self._delays_l):
             for c in range(d + 1):
                 self.cache[row, k, c] = self.initial[k]
                 self.provided[row, k, c] = True
-        self.slots[row] = SlotState(Phase.PROMPT, 0, schedule, sampling, self._rng(sampling, seed),
-                                    hold_before_last)
+        self.slots[row] = SlotState(Phase.PROMPT, 0, schedule, sampling, self.new_rng(sampling, seed))
 
-    def held(self, row: int) -> bool:
-        """True when `row` waits, one step before its prompt's end, to be captured."""
-        s = self.slots[row]
-        return s.phase is Phase.PROMPT and s.hold_before_last and s.offset == s.schedule.steps - 1
+    def plan(self, schedule: PromptSchedule) -> PromptPlan:
+        """The token side of the prompt phase's first `steps - 1` steps, without the model.
 
-    def capture(self, row: int) -> GeneratorSnapshot:
-        if not self.held(row):
-            raise RuntimeError(f"slot {row} is not held before its final prompt step")
-        s = self.slots[row]
-        return GeneratorSnapshot(schedule=s.schedule, rows=capture_row(self.lm, row, s.offset),
-                                 cache=self.cache[row].clone(), provided=self.provided[row].clone())
+        It replays exactly what `step` does to a row's token ring during those steps: every
+        token they write is forced by the schedule, so the model's output cannot change them.
+        Pure Python on small lists (about a millisecond for 250 steps); thread-safe.
+        """
+        delays, initial = self._delays_l, self._initial_l
+        items = schedule.items.tolist()
+        steps, n_emb = schedule.steps, schedule.num_embeddings
+        restore = schedule.restore_cache.tolist() if schedule.restore_cache is not None else None
+        cache = [[self._ungenerated] * RING for _ in range(NUM_STREAMS)]
+        provided = [[False] * RING for _ in range(NUM_STREAMS)]
+        for k, d in enumerate(delays):
+            for c in range(d + 1):
+                cache[k][c] = initial[k]
+                provided[k][c] = True
+        columns = [[0] * NUM_STREAMS for _ in range(steps - 1)]
+        for o in range(steps - 1):
+            if o + 1 < steps:
+                col = items[o + 1]
+                for k, d in enumerate(delays):
+                    p = (o + 1 + d) % RING
+                    cache[k][p] = col[k]
+                    provided[k][p] = True
+            fed, tgt = o % RING, (o + 1) % RING
+            if o >= n_emb:
+                columns[o] = [initial[k] if o <= d else cache[k][fed] for k, d in enumerate(delays)]
+                # everything the step would sample is forced, so its commit leaves the ring as is
+                for k in range(AGENT.stop):  # text and the agent's codebooks
+                    if not provided[k][tgt]:
+                        raise AssertionError(f"prompt step {o} would sample stream {k}: not a forced phase")
+            for k in range(NUM_STREAMS):
+                provided[k][fed] = False
+            if restore is not None and o + 1 == n_emb:
+                cache = [list(r) for r in restore]
+                provided = [[True] * RING for _ in range(NUM_STREAMS)]
+        return PromptPlan(schedule=schedule, columns=torch.tensor(columns, dtype=torch.long).view(-1, NUM_STREAMS),
+                          cache=torch.tensor(cache, dtype=torch.long),
+                          provided=torch.tensor(provided, dtype=torch.bool))
+
+    def install(self, row: int, plan: PromptPlan, sampling: SamplingParams,
+                rng: torch.Generator | None) -> None:
+        """Make `row` a call whose prompt phase was prefilled: its model state must already hold
+        the prefill's positions (`agent.prefill` copies them); the next step is the final prompt
+        step, which emits the call's first frame. `rng` must have skipped the prefilled steps'
+        draws (`prepared_rng`)."""
+        self.cache[row] = plan.cache.to(self.device)
+        self.provided[row] = plan.provided.to(self.device)
+        self.slots[row] = SlotState(Phase.PROMPT, plan.steps, plan.schedule, sampling, rng)
+        self._exec_mask = None
 
     def prepared_rng(self, sampling: SamplingParams, seed: int | None, steps: int) -> torch.Generator | None:
-        """A call's random generator advanced past `steps` prompt steps (what a snapshot skips),
-        so a seeded call gives the same output whether or not it started from a snapshot.
+        """A call's random generator advanced past `steps` prompt steps (what a prefill skips),
+        so a seeded call gives the same output whether its prompt was stepped or prefilled.
+        An unseeded call (every real call) starts from a random point anyway: nothing to skip.
         Thread-safe and independent of the batch: build it off the engine thread."""
-        rng = self._rng(sampling, seed)
-        if rng is None:
-            return None
+        rng = self.new_rng(sampling, seed)
+        if rng is None or seed is None:
+            return rng
         if self.device.type == "cpu":
             # CPU generators consume by element count: one bulk draw equals the per-step draws
             left = noise_per_step(sampling, self.text_card, self.card) * steps
@@ -169,29 +220,15 @@ class TokenGenerator:
                 draw_noise(rng, sampling, self.text_card, self.card, self.device)
         return rng
 
-    def restore(self, row: int, snap: GeneratorSnapshot, sampling: SamplingParams,
-                seed: int | None = None, rng: torch.Generator | None = None) -> None:
-        """Start a call in `row` from a snapshot: a copy instead of the prompt phase.
-
-        `rng` may come from `prepared_rng` (built off the engine thread); else it is built here.
-        """
-        self._reset_row(row)
-        restore_row(self.lm, row, snap.rows)
-        self.cache[row] = snap.cache
-        self.provided[row] = snap.provided
-        if rng is None:
-            rng = self.prepared_rng(sampling, seed, snap.rows.positions)
-        self.slots[row] = SlotState(Phase.PROMPT, snap.rows.positions, snap.schedule, sampling, rng)
-
     def free(self, row: int) -> None:
         self.slots[row] = SlotState()
         self._exec_mask = None
 
     # -- stepping -------------------------------------------------------------------------
     def stepping_rows(self, only: set[int] | None = None) -> list[int]:
-        """Rows that take a step now: busy, not held for capture, and in `only` if given."""
+        """Rows that take a step now: busy, and in `only` if given."""
         return [b for b, s in enumerate(self.slots)
-                if s.phase is not Phase.FREE and not self.held(b) and (only is None or b in only)]
+                if s.phase is not Phase.FREE and (only is None or b in only)]
 
     def _sync_exec_mask(self, rows: list[int]) -> torch.Tensor:
         # compared as a tuple on the host: no device sync on the hot path
@@ -204,8 +241,9 @@ class TokenGenerator:
             self.lm.set_exec_mask(self._exec_mask)
         return self._exec_mask
 
-    def _embed(self, columns: torch.Tensor) -> torch.Tensor:
-        """Sum of token embeddings, in `LMModel.forward_text`'s order (bit-exactness)."""
+    def embed(self, columns: torch.Tensor) -> torch.Tensor:
+        """Sum of token embeddings of columns [B, 17, T] -> [B, T, dim], in
+        `LMModel.forward_text`'s order (bit-exactness)."""
         lm = self.lm
         x = None
         for cb in range(lm.num_audio_codebooks):
@@ -257,7 +295,7 @@ class TokenGenerator:
         column = self.cache.gather(2, fed[:, None, None].expand(B, NUM_STREAMS, 1))[..., 0]
         is_init = (offsets[:, None] <= self.delays[None, :]) | ~active[:, None]
         column = torch.where(is_init, self.initial[None, :], column)
-        x = self._embed(column[:, :, None])  # [B, 1, dim]
+        x = self.embed(column[:, :, None])  # [B, 1, dim]
         for b, emb in embed_rows:
             x[b, 0] = emb.to(device=dev, dtype=x.dtype)
         out = lm.transformer(x)
@@ -321,3 +359,6 @@ class TokenGenerator:
                     emitting.append(b)
                     finished.append(b)
         return StepOutput(tokens=frame.cpu(), emitting=emitting, finished_prompt=finished)
+
+
+__all__ = ["AGENT", "CALLER", "Phase", "PromptPlan", "RING", "StepOutput", "TokenGenerator"]

@@ -18,14 +18,24 @@ class Metrics:
         self.capacity = Gauge("personaplex_capacity_calls", "Configured maximum of concurrent calls", registry=r)
         self.step_seconds = Histogram("personaplex_engine_step_seconds", "Engine time per 80 ms frame",
                                       buckets=STEP_BUCKETS, registry=r)
+        self.prefill_seconds = Histogram("personaplex_prefill_seconds",
+                                         "Time from a prefill's start to its rows being in their slots",
+                                         buckets=STEP_BUCKETS, registry=r)
         self.answer_seconds = Histogram("personaplex_answer_to_first_audio_seconds",
-                                        "From call start to the first agent audio frame", ["snapshot"],
+                                        "From call start to the first agent audio frame",
                                         buckets=ANSWER_BUCKETS, registry=r)
         self.late_inbound = Counter("personaplex_late_inbound_frames_total",
-                                    "Frames where the caller's audio was not there in time (silence used)",
+                                    "Ticks where a caller's frame had not all arrived (silence fed, audio kept)",
                                     registry=r)
+        self.catch_up_steps = Counter("personaplex_catch_up_steps_total",
+                                      "Extra steps that consumed caller audio a late tick left waiting", registry=r)
+        self.caller_audio_dropped = Counter("personaplex_caller_audio_dropped_seconds_total",
+                                            "Caller audio dropped because it waited longer than the latency bound",
+                                            registry=r)
         self.playout_underruns = Counter("personaplex_playout_underruns_total",
-                                         "Endpoint playout ticks with no agent audio ready", ["endpoint"], registry=r)
+                                         "Endpoint playout ticks with no agent audio ready, by cause "
+                                         "(late: the engine was late; barge_in: a barge-in flushed it)",
+                                         ["endpoint", "cause"], registry=r)
         self.engine_overruns = Counter("personaplex_engine_overruns_total", "Frames where the engine overran 80 ms",
                                        registry=r)
         self.barge_ins = Counter("personaplex_barge_ins_total", "Caller talked over the agent", registry=r)
@@ -33,8 +43,6 @@ class Metrics:
                                             "Caller speech ignored as echo or too short", registry=r)
         self.persona_reload_errors = Counter("personaplex_persona_reload_errors_total",
                                              "Persona files rejected on (re)load", registry=r)
-        self.snapshot_builds = Counter("personaplex_snapshot_builds_total", "Persona prompt snapshots built",
-                                       registry=r)
         self.calls_at_context_limit = Counter("personaplex_calls_at_context_limit_total",
                                               "Calls that reached the model's context limit", registry=r)
         self.dtmf = Counter("personaplex_dtmf_total", "DTMF digits received", ["endpoint"], registry=r)

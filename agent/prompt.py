@@ -17,13 +17,13 @@ from dataclasses import dataclass
 
 import torch
 
+from agent.timebase import AGENT, CALLER, NUM_STREAMS, TEXT
 from agent.voices import VoicePrompt
 
 SILENCE_TOKENS = (948, 243, 1178, 546, 1736, 1030, 1978, 2008)
 SINE_TOKENS = (430, 1268, 381, 1611, 1095, 1495, 56, 472)
 TEXT_PAD = 3
 SILENCE_FRAMES = 6
-NUM_STREAMS = 17  # text + 8 agent + 8 caller codebooks
 
 
 def wrap_system_prompt(text: str) -> str:
@@ -35,14 +35,6 @@ def tokenize_prompt(tokenizer, text: str) -> list[int]:
     if not text or not text.strip():
         return []
     return list(tokenizer.encode(wrap_system_prompt(text)))
-
-
-def _forced(text: int, agent: tuple[int, ...] | torch.Tensor) -> torch.Tensor:
-    col = torch.empty(NUM_STREAMS, dtype=torch.long)
-    col[0] = text
-    col[1:9] = torch.as_tensor(agent, dtype=torch.long)
-    col[9:17] = torch.tensor(SINE_TOKENS, dtype=torch.long)
-    return col
 
 
 @dataclass(frozen=True)
@@ -67,17 +59,21 @@ class PromptSchedule:
 
 def build_schedule(voice: VoicePrompt, text_tokens: list[int],
                    silence_frames: int = SILENCE_FRAMES) -> PromptSchedule:
-    items: list[torch.Tensor] = []
-    silence = _forced(TEXT_PAD, SILENCE_TOKENS)
-    if voice.embeddings is not None:
-        # Reference: step 0 is a no-op, steps 1..E replay embeddings; their forced tokens are
-        # overwritten by restoring the recorded cache, so placeholders do.
-        items.extend([silence] * (voice.steps + 1))
-    else:
+    """The forced columns of the whole prompt phase, built as one tensor (this runs for every
+    call: per-call prompts make each schedule new)."""
+    # Reference: with embeddings, step 0 is a no-op and steps 1..E replay them; their forced
+    # tokens are overwritten by restoring the recorded cache, so placeholders (silence) do.
+    n_voice = voice.steps + 1 if voice.embeddings is not None else voice.steps
+    text_at = n_voice + silence_frames
+    steps = text_at + len(text_tokens) + silence_frames
+    items = torch.empty(steps, NUM_STREAMS, dtype=torch.long)
+    items[:, TEXT] = TEXT_PAD
+    items[:, AGENT] = torch.tensor(SILENCE_TOKENS, dtype=torch.long)
+    items[:, CALLER] = torch.tensor(SINE_TOKENS, dtype=torch.long)
+    if voice.embeddings is None:
         assert voice.codes is not None
-        items.extend(_forced(TEXT_PAD, voice.codes[i]) for i in range(voice.steps))
-    items.extend([silence] * silence_frames)
-    items.extend(_forced(int(t), SILENCE_TOKENS) for t in text_tokens)
-    items.extend([silence] * silence_frames)
-    return PromptSchedule(items=torch.stack(items), embeddings=voice.embeddings,
+        items[: voice.steps, AGENT] = voice.codes.to(torch.long)
+    if text_tokens:
+        items[text_at: text_at + len(text_tokens), TEXT] = torch.tensor(text_tokens, dtype=torch.long)
+    return PromptSchedule(items=items, embeddings=voice.embeddings,
                           restore_cache=voice.cache, text_tokens=tuple(text_tokens), voice=voice.name)

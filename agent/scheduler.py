@@ -1,12 +1,18 @@
-"""The real-time service endpoints plug calls into: many calls on one model.
+"""The real-time service endpoints plug calls into: many calls on one model, one tick per frame.
 
-One engine thread ticks every 80 ms and steps all active calls together; endpoints never wait
-on the model and the model never waits on the network (late caller audio becomes silence, late
-engine output becomes silence at the endpoint; both are counted). New calls start from a
-snapshot of their persona's prompt phase when one exists (answer latency: one frame); the first
-call of a persona runs the prompt itself and leaves the snapshot behind. Spare time inside a
-tick runs extra prompt steps, so cold starts finish faster than real time without delaying
-live calls. Capacity is fixed at start (the batch size); calls over it are refused at once.
+One engine thread ticks every 80 ms and steps all calls together; endpoints never wait on the
+model and the model never waits on the network. Each tick:
+1. runs commands other threads posted (calls placed, hung up);
+2. steps every busy slot once: live calls consume a frame of their caller's audio (silence if it
+   has not all arrived yet, counted as late; the audio that did arrive is kept for later), and
+   calls whose prompt was just prefilled emit their first frame;
+3. in the time left before the next tick: starts calls (`agent.starts`: the prompt phase as one
+   forward), then catches up calls whose caller audio is waiting (an extra step for just those
+   calls), so a late tick costs latency for a moment, never the caller's words;
+4. applies the call policy (`agent.policy`).
+Capacity is fixed at start (the batch size); calls over it are refused at once. Barge-in VAD
+runs on its own thread for all calls as one batch (`agent.vad`); end-of-call accounting lives in
+`agent.ledger`.
 """
 
 from __future__ import annotations
@@ -20,20 +26,26 @@ from typing import Callable
 import numpy as np
 import structlog
 
-from agent.barge_in import BargeInConfig, SileroVad
+from agent.barge_in import BargeInConfig
 from agent.commands import run_pending
-from agent.engine import Engine
+from agent.engine import Engine, FrameOut
 from agent.errors import AgentError
-from agent.generator import GeneratorSnapshot, Phase
+from agent.events import BargeInSuppressed, CallState, Ended, EndReason
+from agent.generator import Phase
+from agent.ledger import Ledger
 from agent.metrics import Metrics
 from agent.model_loader import LoadedModel
 from agent.personas.schema import Persona
+from agent.policy import CallPolicy, PolicyConfig
 from agent.sampling import SamplingParams
-from agent.session import FRAME, CallSession
+from agent.session import CallSession
+from agent.starts import StartLane, StartRequest
+from agent.timebase import FRAME, FRAME_S, SAMPLE_RATE
+from agent.vad import VadVerdicts, VadWorker
 
 log = structlog.get_logger(__name__)
 
-FRAME_RATE = 12.5
+TICK_MARGIN_S = 0.004  # spare-time work stops this long before the next tick is due
 
 
 class CallRefused(AgentError):
@@ -42,22 +54,22 @@ class CallRefused(AgentError):
     def __init__(self, reason: str, code: str, retry_after: int | None = None):
         super().__init__(reason)
         self.reason = reason
-        self.code = code  # "busy", "draining", "not_found", "unavailable"
+        self.code = code  # "busy", "draining", "unavailable"
         self.retry_after = retry_after
 
 
 @dataclass
 class SchedulerConfig:
     max_calls: int = 4
-    tick_s: float = 0.08
-    realtime: bool = True  # False: step as fast as possible (benchmarks)
+    tick_s: float = FRAME_S
+    realtime: bool = True  # False: step as fast as possible (benchmarks, long-call tests)
     max_call_seconds: float | None = 230.0
     context_policy: str = "hangup"  # "hangup" at the context limit, or "slide" (the prompt falls out)
     outbound_depth: int = 2
-    inbound_backlog: int = 3
+    max_latency_ms: float = 400.0  # caller audio older than this is dropped (counted)
     idle_timeout_s: float = 20.0
     retry_after_s: int = 5
-    prewarm: bool = True
+    prefill_batch: int = 4  # calls prefilled together in one forward
     allow_voice_paths: bool = True  # persona files are trusted configuration
     barge_in: BargeInConfig = field(default_factory=BargeInConfig)
     default_sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -69,48 +81,48 @@ class SchedulerConfig:
             raise ValueError("max_calls must be at least 1")
 
 
-def snapshot_key(persona: Persona) -> tuple[str, str]:
-    return (persona.voice, persona.prompt)
-
-
 class Scheduler:
     def __init__(self, model: LoadedModel, config: SchedulerConfig | None = None, metrics: Metrics | None = None):
         self.model = model
-        self.config = config or SchedulerConfig()
+        self.config = cfg = config or SchedulerConfig()
         self.metrics = metrics or Metrics()
-        self.metrics.capacity.set(self.config.max_calls)
-        # one spare row builds snapshots without ever taking a call's place
-        self.engine = Engine(model, self.config.max_calls + 1, self.config.default_sampling)
-        self.spare = self.config.max_calls
-        self.snapshots: dict[tuple[str, str], GeneratorSnapshot] = {}
-        self._calls: dict[int, CallSession] = {}
+        self.metrics.capacity.set(cfg.max_calls)
+        self.engine = Engine(model, cfg.max_calls, cfg.default_sampling)
+        self._wake = threading.Event()  # a start was prepared: prefill it before the next tick
+        self.starts = StartLane(self.engine, cfg.prefill_batch, cfg.allow_voice_paths,
+                                on_prefill=self.metrics.prefill_seconds.observe, on_prepared=self._wake.set)
+        self.policy = CallPolicy(PolicyConfig(model.context, cfg.context_policy, cfg.max_call_seconds,
+                                              cfg.idle_timeout_s),
+                                 on_context_limit=lambda s: self.metrics.calls_at_context_limit.inc())
+        self.ledger = Ledger(self.metrics)
+        self.vad = VadWorker(VadVerdicts(self._on_barge_in, self._on_barge_in_suppressed)) \
+            if cfg.barge_in.enabled else None
+        self._calls: dict[int, CallSession] = {}  # slot -> call
         self._admitted = 0
         self._admit_lock = threading.Lock()
-        self._building: tuple[str, str] | None = None
-        self._build_queue: list[tuple[tuple[str, str], Persona]] = []
         self._cmds: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._running = threading.Event()
         self._thread: threading.Thread | None = None
-        self._vad_q: queue.SimpleQueue = queue.SimpleQueue()
-        self._vads: dict[str, SileroVad] = {}
-        self._vad_thread: threading.Thread | None = None
+        self.warm = threading.Event()  # the call path has run once (readiness)
         self.draining = False
-        self.ticks = 0
+        self.ticks = 0  # clock ticks since start
+        self.steps = 0  # batched steps run on the clock
         self.overruns = 0
-        self._prompt_step_s = 0.0
+        self.step_est_s = 0.0  # recent batched-step time, for spare-time decisions
         self.last_error: str | None = None
         self.on_call_start: list[Callable[[CallSession], None]] = []
+        self._dropped_seen: dict[str, int] = {}
+        self._uncounted: set[str] = set()  # the warm-up call: not a call anyone placed
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         self._running.set()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
-        if self.config.barge_in.enabled:
-            self._vad_thread = threading.Thread(target=self._vad_loop, name="vad", daemon=True)
-            self._vad_thread.start()
+        if self.vad is not None:
+            self.vad.start()
 
-    def stop(self, reason: str = "shutdown") -> None:
+    def stop(self, reason: EndReason = EndReason.SHUTDOWN) -> None:
         """End every call and stop the engine thread."""
         if self._thread is None:
             return
@@ -125,11 +137,49 @@ class Scheduler:
         self._running.clear()
         self._thread.join(timeout=5)
         self._thread = None
-        if self._vad_thread is not None:
-            self._vad_q.put(None)
-            self._vad_thread.join(timeout=5)
-            self._vad_thread = None
+        if self.vad is not None:
+            self.vad.stop()
+        self.starts.close()
         self.engine.close()
+
+    def warm_up(self, voice: str, prompt: str, timeout: float = 120.0) -> bool:
+        """Run the call path before taking calls (readiness): two calls that are not counted go
+        through preparation, prefill, their first frame and live frames with catch-up steps (the
+        second measures the warm costs the spare-time decisions use); the VAD model and the
+        voices asked for by `preload_voices` are loaded. Returns when done, so the first real
+        call is no slower than the tenth."""
+        deadline = time.monotonic() + timeout
+        ok = all(self._warm_call(voice, prompt, k, deadline) for k in range(2))
+        ok = self.starts.wait_prepared(max(0.0, deadline - time.monotonic())) and ok
+        if self.vad is not None:
+            ok = self.vad.wait_loaded(max(0.0, deadline - time.monotonic())) and ok
+        if ok:
+            self.warm.set()
+            log.info("call_path_warm", prefill_step_us=round(1e6 * self.starts.step_cost_s, 1),
+                     step_ms=round(1000 * self.step_est_s, 1))
+        else:
+            log.error("warm_up_failed", error=self.last_error)
+        return ok
+
+    def _warm_call(self, voice: str, prompt: str, k: int, deadline: float) -> bool:
+        persona = Persona(id="warm-up", kind="prompt", numbers=(), voice=voice, prompt=prompt, source="<warm-up>")
+        sess = CallSession(persona, "-", "warm-up", BargeInConfig(enabled=False), call_id=f"warm-up-{k}")
+        sess.log = log.bind(call_id=sess.call_id)
+        sess.push_audio(np.zeros(3 * FRAME, np.float32))  # consumed by a live step and catch-ups
+        self._uncounted.add(sess.call_id)
+        self.starts.submit(StartRequest(sess, voice, prompt, SamplingParams(), None))
+
+        def warmed() -> bool:  # by our own call, or by real calls that came first
+            return any(s.stats.frames_out >= 3 for s in [sess, *self._calls.values()])
+        while not warmed() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        ended = threading.Event()
+
+        def end() -> None:  # never waits for a slot; leaves nothing behind
+            self._end(sess, EndReason.SHUTDOWN)
+            ended.set()
+        self._cmds.put(end)
+        return ended.wait(max(0.0, deadline - time.monotonic())) and warmed()
 
     def begin_drain(self) -> None:
         """Refuse new calls from now on; calls in progress continue."""
@@ -147,11 +197,11 @@ class Scheduler:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    # -- calls ----------------------------------------------------------------------------------
+    # -- calls (any thread) ---------------------------------------------------------------------
     def place_call(self, persona: Persona, number: str, endpoint: str, seed: int | None = None,
-                   call_id: str | None = None) -> CallSession:
-        """Admit a call (or raise CallRefused at once). Audio starts within a frame when the
-        persona has a snapshot; otherwise after its prompt phase (faster than real time)."""
+                   call_id: str | None = None, prompt: str | None = None) -> CallSession:
+        """Admit a call (or raise CallRefused at once) and start it: its first agent frame comes
+        a frame or two later, whatever its prompt (`prompt` overrides the persona's)."""
         if self.draining:
             self.metrics.calls_total.labels(endpoint, "refused_draining").inc()
             raise CallRefused("the agent is shutting down", "draining", self.config.retry_after_s)
@@ -163,92 +213,45 @@ class Scheduler:
                 raise CallRefused(f"all {self.config.max_calls} call slots are busy", "busy",
                                   self.config.retry_after_s)
             self._admitted += 1
-        try:
-            sess = CallSession(persona, number, endpoint, self.config.barge_in, self.config.outbound_depth,
-                               self.config.inbound_backlog, call_id=call_id)
-            sess.placed_tick = self.ticks
-            key = snapshot_key(persona)
-            snap = self.snapshots.get(key)
-            sampling = persona.sampling(self.config.default_sampling)
-            schedule = rng = None
-            if snap is None:
-                schedule = self.engine.schedule(persona.voice, persona.prompt,
-                                                allow_voice_paths=self.config.allow_voice_paths)
-            else:  # the random stream is advanced here, not on the engine thread
-                rng = self.engine.generator.prepared_rng(sampling, seed, snap.rows.positions)
-        except Exception:
-            with self._admit_lock:
-                self._admitted -= 1
-            raise
+        cfg = self.config
+        sess = CallSession(persona, number, endpoint, cfg.barge_in, cfg.outbound_depth, cfg.max_latency_ms,
+                           call_id=call_id, prompt=prompt)
+        sess.placed_tick = self.ticks
         sess.on_hangup = lambda s, reason: self._cmds.put(lambda: self._end(s, reason))
-        if self.config.barge_in.enabled:
-            sess.on_audio_in = lambda s, pcm: self._vad_q.put((s, pcm))
-        self._cmds.put(lambda: self._assign(sess, schedule, sampling, seed, snap, rng))
-        self.metrics.active_calls.labels(endpoint).inc()
-        for hook in self.on_call_start:
+        if self.vad is not None:
+            vad = self.vad
+            sess.on_audio_in = lambda s, pcm: vad.audio(s, pcm)
+        self.ledger.started(sess)
+        for hook in self.on_call_start:  # before any frame: a recorder sees the call whole
             try:
                 hook(sess)
             except Exception:
                 sess.log.exception("call_start_hook_failed")
-        sess.log.info("call_start", snapshot=schedule is None)
+        sess.log.info("call_start")
+        self.starts.submit(StartRequest(sess, persona.voice, sess.prompt, persona.sampling(cfg.default_sampling),
+                                        seed))
         return sess
 
-    def prewarm(self, personas: list[Persona]) -> None:
-        """Build prompt snapshots for these personas in the background (spare row), and drop
-        snapshots no persona uses any more. With `prewarm` off, only the dropping happens:
-        snapshots are then built by each persona's first call."""
-        wanted = {snapshot_key(p): p for p in personas}
-
-        def update():
-            for key in list(self.snapshots):
-                if key not in wanted:
-                    del self.snapshots[key]  # persona changed or removed
-            self._build_queue = ([(k, p) for k, p in wanted.items() if k not in self.snapshots]
-                                 if self.config.prewarm else [])
-        self._cmds.put(update)
-
-    def wait_idle(self, timeout: float = 30.0) -> bool:
-        """Wait until no snapshot build is queued or running (tests, start-up)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            flag = threading.Event()
-            self._cmds.put(lambda: flag.set() if not self._build_queue and self._building is None else None)
-            time.sleep(0.05)
-            if flag.is_set():
-                return True
-        return False
+    def preload_voices(self, personas: list[Persona]) -> None:
+        """Load the voices these personas use (custom wavs are encoded) before their first call."""
+        self.starts.preload(sorted({p.voice for p in personas}))
 
     # -- engine thread --------------------------------------------------------------------------
-    def _assign(self, sess: CallSession, schedule, sampling: SamplingParams, seed: int | None,
-                snap: GeneratorSnapshot | None = None, rng=None) -> None:
-        free = [r for r in self.engine.free_slots() if r != self.spare and r not in self._calls]
-        if not free:  # cannot happen with admission control; never crash the loop over it
-            sess.log.error("no_free_slot")
-            self._end(sess, "failed")
+    def _on_started(self, slot: int, sess: CallSession) -> None:
+        if sess.state is CallState.ENDED:  # hung up while its prompt was being prefilled
+            self.engine.release(slot)
             return
-        slot = free[0]
         sess.slot = slot
         self._calls[slot] = sess
-        if snap is None:
-            snap = self.snapshots.get(snapshot_key(sess.persona))
-            rng = None
-        try:
-            if snap is not None:
-                self.engine.restore(slot, snap, sampling, seed, rng)
-                sess.from_snapshot = True
-            else:
-                if schedule is None:
-                    schedule = self.engine.schedule(sess.persona.voice, sess.persona.prompt,
-                                                    allow_voice_paths=self.config.allow_voice_paths)
-                self.engine.start(slot, schedule, sampling, seed, hold_before_last=True)
-            sess.set_state("answering")
-        except Exception as exc:
-            sess.log.exception("call_setup_failed")
-            self.last_error = str(exc)
-            self._end(sess, "failed")
+        sess.set_state(CallState.ANSWERING)
 
-    def _end(self, sess: CallSession, reason: str) -> None:
-        if sess.state == "ended":
+    def _on_start_failed(self, sess: CallSession, reason: EndReason, error: str) -> None:
+        sess.log.error("call_setup_failed", error=error)
+        self.last_error = error
+        self._end(sess, reason)
+
+    def _end(self, sess: CallSession, reason: EndReason) -> None:
+        if sess.state is CallState.ENDED:
             return
         slot = sess.slot
         if slot is not None and self._calls.get(slot) is sess:
@@ -256,56 +259,27 @@ class Scheduler:
             self.engine.release(slot)
         sess.ended_at = time.monotonic()
         sess.end_reason = reason
-        sess.set_state("ended")
-        sess.emit("ended", reason=reason)
-        self._vad_q.put(("forget", sess.call_id))
+        sess.set_state(CallState.ENDED)
+        sess.emit(Ended(reason))
+        if self.vad is not None:
+            self.vad.forget(sess.call_id)
+        if sess.call_id in self._uncounted:
+            self._uncounted.discard(sess.call_id)
+            return
         with self._admit_lock:
             self._admitted -= 1
-        self.metrics.active_calls.labels(sess.endpoint).dec()
-        outcome = "answered" if sess.answered_at else ("failed" if reason == "failed" else "abandoned")
-        self.metrics.calls_total.labels(sess.endpoint, outcome).inc()
-        st = sess.stats
-        sess.log.info("call_end", reason=reason, duration_s=round(sess.duration, 2), frames_in=st.frames_in,
-                      frames_out=st.frames_out, late_frames=st.late_inbound, barge_ins=st.barge_ins,
-                      barge_ins_suppressed=st.barge_ins_suppressed, caller_peak=round(st.caller_peak, 4),
-                      playout_underruns=st.playout_underruns, engine_overruns=st.engine_overruns,
-                      from_snapshot=sess.from_snapshot)
+        self._account_dropped(sess)
+        self._dropped_seen.pop(sess.call_id, None)
+        self.ledger.ended(sess, reason)
 
-    def _run_commands(self) -> None:
-        run_pending(self._cmds)
+    def _account_dropped(self, sess: CallSession) -> None:
+        now = sess.stats.caller_dropped_samples
+        before = self._dropped_seen.get(sess.call_id, 0)
+        if now > before:
+            self._dropped_seen[sess.call_id] = now
+            self.metrics.caller_audio_dropped.inc((now - before) / SAMPLE_RATE)
 
-    def _start_builds(self) -> None:
-        if self._building is not None or not self._build_queue or self.spare not in self.engine.free_slots():
-            return
-        key, persona = self._build_queue.pop(0)
-        if key in self.snapshots:
-            return
-        try:
-            sch = self.engine.schedule(persona.voice, persona.prompt, allow_voice_paths=self.config.allow_voice_paths)
-        except Exception as exc:
-            log.warning("snapshot_build_skipped", persona=persona.id, error=str(exc))
-            return
-        self.engine.start(self.spare, sch, SamplingParams(greedy=True), hold_before_last=True)
-        self._building = key
-
-    def _collect_snapshots(self) -> None:
-        for slot in range(self.engine.max_slots):
-            if not self.engine.held(slot):
-                continue
-            snap = self.engine.capture(slot)
-            sess = self._calls.get(slot)
-            key = (snapshot_key(sess.persona) if sess is not None else self._building)
-            if key is not None and key not in self.snapshots:
-                self.snapshots[key] = snap
-                self.metrics.snapshot_builds.inc()
-                log.info("snapshot_built", voice=key[0], steps=snap.schedule.steps, mbytes=round(snap.nbytes() / 2**20, 2))
-            if slot == self.spare and sess is None:
-                self.engine.release(slot)
-                self._building = None
-            else:
-                self.engine.generator.slots[slot].hold_before_last = False
-
-    def _deliver(self, results, now: float, feed: dict | None = None) -> None:
+    def _deliver(self, results: dict[int, FrameOut], now: float, feed: dict[int, np.ndarray]) -> None:
         for slot, out in results.items():
             sess = self._calls.get(slot)
             if sess is None:
@@ -314,16 +288,17 @@ class Scheduler:
                 if out.first:
                     sess.answered_at = now
                     sess.answer_ticks = self.ticks - sess.placed_tick
-                    self.metrics.answer_seconds.labels(str(sess.from_snapshot).lower()).observe(now - sess.created)
-                    sess.set_state("live")
+                    if sess.call_id not in self._uncounted:
+                        self.metrics.answer_seconds.observe(now - sess.created)
+                    sess.set_state(CallState.LIVE)
                 else:
                     sess.live_frames += 1
                 sess.deliver(out.pcm, out.text, now)
                 if sess.recorder is not None:
-                    sess.recorder((feed or {}).get(slot), out.pcm, out.text, sess.stats.frames_out)
+                    sess.recorder(feed.get(slot), out.pcm, out.text, sess.stats.frames_out)
             except Exception:
                 sess.log.exception("deliver_failed")
-                self._end(sess, "failed")
+                self._end(sess, EndReason.FAILED)
 
     def _gather_inbound(self) -> dict[int, np.ndarray]:
         feed: dict[int, np.ndarray] = {}
@@ -335,35 +310,45 @@ class Scheduler:
                 if frame is None:
                     frame = np.zeros(FRAME, dtype=np.float32)
                     sess.stats.late_inbound += 1
-                    self.metrics.late_inbound.inc()
+                    if sess.call_id not in self._uncounted:
+                        self.metrics.late_inbound.inc()
                 sess.stats.frames_in += 1
                 feed[slot] = frame
             except Exception:
                 sess.log.exception("inbound_failed")
-                self._end(sess, "failed")
+                self._end(sess, EndReason.FAILED)
         return feed
 
-    def _police_calls(self, now: float) -> None:
-        context = self.model.context
+    def _catch_up(self, deadline: float) -> None:
+        """Extra steps for calls with a whole caller frame still waiting after this tick's step
+        (a late tick, or packets that arrived just after the tick): consume it now rather than
+        let it age into standing latency or be dropped."""
+        while True:
+            rows = [slot for slot, sess in self._calls.items()
+                    if self.engine.phase(slot) is Phase.LIVE and sess.inbound_samples >= FRAME]
+            if not rows:
+                return
+            if self.config.realtime and time.monotonic() + self.step_est_s > deadline:
+                return
+            feed = {}
+            for slot in rows:
+                sess = self._calls[slot]
+                feed[slot] = sess.take_inbound()
+                sess.stats.frames_in += 1
+                sess.stats.catch_up_steps += 1
+            self.metrics.catch_up_steps.inc(len(rows))
+            results = self._step(feed, only=set(rows))
+            self._deliver(results, time.monotonic(), feed)
+            if not self.config.realtime:
+                return
+
+    def _police(self, now: float) -> None:
         for slot, sess in list(self._calls.items()):
-            steps = self.engine.generator.slots[slot].offset
-            limit_frames = None
-            if self.config.max_call_seconds:
-                limit_frames = int(self.config.max_call_seconds * FRAME_RATE)
-            if steps >= context - 1:
-                if self.config.context_policy == "hangup":
-                    self.metrics.calls_at_context_limit.inc()
-                    self._end(sess, "context_limit")
-                    continue
-                if not getattr(sess, "_context_counted", False):
-                    sess._context_counted = True  # type: ignore[attr-defined]
-                    self.metrics.calls_at_context_limit.inc()
-                    sess.log.warning("context_full_sliding", steps=steps)
-            if limit_frames is not None and sess.live_frames >= limit_frames:
-                self._end(sess, "max_duration")
-                continue
-            if now - sess.last_activity > self.config.idle_timeout_s:
-                self._end(sess, "endpoint_timeout")
+            reason = self.policy.verdict(sess, self.engine.position(slot), now)
+            if reason is not None:
+                self._end(sess, reason)
+            else:
+                self._account_dropped(sess)
 
     def _step(self, feed, only=None) -> dict:
         try:
@@ -373,99 +358,75 @@ class Scheduler:
             log.exception("engine_step_failed")
             self.last_error = str(exc)
             for sess in list(self._calls.values()):
-                self._end(sess, "failed")
+                self._end(sess, EndReason.FAILED)
             for slot in range(self.engine.max_slots):
-                if self.engine.phase(slot) is not Phase.FREE:
+                if self.engine.phase(slot) is not Phase.FREE and slot not in self.starts.reserved():
                     self.engine.release(slot)
-            self._building = None
             return {}
+
+    def _free_slots(self) -> list[int]:
+        reserved = self.starts.reserved()
+        return [s for s in self.engine.free_slots() if s not in reserved]
+
+    def _tick(self, deadline: float) -> None:
+        cfg = self.config
+        run_pending(self._cmds)
+        if self.engine.busy():
+            feed = self._gather_inbound()
+            t0 = time.monotonic()
+            results = self._step(feed)
+            dt = time.monotonic() - t0
+            self.step_est_s = dt if self.steps == 0 else 0.8 * self.step_est_s + 0.2 * dt
+            self.steps += 1
+            self.metrics.step_seconds.observe(dt)
+            if dt > cfg.tick_s:
+                self.overruns += 1
+                self.metrics.engine_overruns.inc()
+                for sess in self._calls.values():
+                    sess.stats.engine_overruns += 1
+            self._deliver(results, time.monotonic(), feed)
+        if self.starts.busy:
+            self.starts.run(deadline, self._free_slots(), self._on_started, self._on_start_failed)
+        self._catch_up(deadline)
+        self._police(time.monotonic())
 
     def _loop(self) -> None:
         cfg = self.config
         next_tick = time.monotonic()
         while self._running.is_set():
-            self._run_commands()
-            self._start_builds()
-            if self.engine.busy():
-                feed = self._gather_inbound()
-                t0 = time.monotonic()
-                results = self._step(feed)
-                dt = time.monotonic() - t0
-                self.metrics.step_seconds.observe(dt)
-                self.ticks += 1
-                if dt > cfg.tick_s:
-                    self.overruns += 1
-                    self.metrics.engine_overruns.inc()
-                    for sess in self._calls.values():
-                        sess.stats.engine_overruns += 1
-                now = time.monotonic()
-                self._deliver(results, now, feed)
-                self._collect_snapshots()
-                self._extra_prompt_steps(next_tick + cfg.tick_s)
-                self._police_calls(now)
+            self.ticks += 1
+            self._tick(next_tick + cfg.tick_s - TICK_MARGIN_S)
             if cfg.realtime:
                 next_tick += cfg.tick_s
-                delay = next_tick - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                elif delay < -cfg.tick_s:
+                if next_tick - time.monotonic() < -cfg.tick_s:
                     next_tick = time.monotonic()  # fell behind: do not burst to catch up
-            elif not self.engine.busy():
+                self._wait_for_tick(next_tick)
+            elif not self.engine.busy() and not self.starts.busy:
                 time.sleep(0.005)
 
-    def _extra_prompt_steps(self, deadline: float) -> None:
-        """Use the rest of the tick to advance prompt phases (cold calls, snapshot builds)."""
+    def _wait_for_tick(self, next_tick: float) -> None:
+        """Sleep until the next tick; a start prepared meanwhile is prefilled at once, so it joins
+        that tick's step (answer within a tick or two of the call being placed)."""
         while True:
-            rows = {b for b in self.engine.generator.stepping_rows()
-                    if self.engine.phase(b) is Phase.PROMPT}
-            if not rows:
+            delay = next_tick - time.monotonic()
+            if delay <= 0:
                 return
-            margin = max(self._prompt_step_s * 1.5, 0.002)
-            if self.config.realtime and time.monotonic() + margin > deadline - 0.005:
+            if not self._wake.wait(delay):
                 return
-            t0 = time.monotonic()
-            results = self._step({}, only=rows)
-            self._prompt_step_s = 0.8 * self._prompt_step_s + 0.2 * (time.monotonic() - t0)
-            self._deliver(results, time.monotonic())
-            self._collect_snapshots()
-            self._run_commands()
-            self._start_builds()
-            if not self.config.realtime:
-                return
+            self._wake.clear()
+            run_pending(self._cmds)
+            if self.starts.busy:
+                self.starts.run(next_tick - TICK_MARGIN_S, self._free_slots(), self._on_started,
+                                self._on_start_failed)
 
-    # -- VAD thread -----------------------------------------------------------------------------
-    def _vad_loop(self) -> None:
-        # One model per concurrent call, loaded up front: loading during calls would hold the
-        # GIL for tens of ms per call and stall the engine thread.
-        pool = [SileroVad() for _ in range(self.config.max_calls)]
-        while True:
-            item = self._vad_q.get()
-            if item is None:
-                return
-            if item[0] == "forget":
-                vad = self._vads.pop(item[1], None)
-                if vad is not None:
-                    vad.reset()
-                    pool.append(vad)
-                continue
-            sess, pcm = item
-            if sess.state == "ended":
-                continue
-            try:
-                vad = self._vads.get(sess.call_id)
-                if vad is None:
-                    vad = self._vads[sess.call_id] = pool.pop() if pool else SileroVad()
-                for prob in vad.feed(pcm):
-                    now = time.monotonic()
-                    with sess._lock:
-                        verdict = sess.detector.on_vad(prob, now)
-                    if verdict == "barge_in":
-                        sess.barge_in()
-                        self.metrics.barge_ins.inc()
-                        sess.log.info("barge_in", generation=sess.generation)
-                    elif verdict == "suppressed":
-                        sess.stats.barge_ins_suppressed += 1
-                        self.metrics.barge_ins_suppressed.inc()
-                        sess.log.info("barge_in_suppressed")
-            except Exception:
-                sess.log.exception("vad_failed")
+    # -- VAD verdicts (VAD thread) -------------------------------------------------------------
+    def _on_barge_in(self, sess: CallSession) -> None:
+        sess.barge_in()
+        self.metrics.barge_ins.inc()
+        sess.log.info("barge_in", generation=sess.generation)
+
+    def _on_barge_in_suppressed(self, sess: CallSession) -> None:
+        sess.stats.barge_ins_suppressed += 1
+        self.metrics.barge_ins_suppressed.inc()
+        sess.emit(BargeInSuppressed())
+        sess.log.info("barge_in_suppressed")

@@ -1,64 +1,77 @@
-"""Copying one batch row of moshi's streaming transformer state (KV caches, positions).
+"""Moshi streaming state, handled as data: fresh states for a prefill, row copies, materialising.
 
-This is what makes "instant answer" possible: the prompt phase's effect on the model is the
-first N positions of each layer's KV cache plus the position counters, so it can be recorded
-once and copied into any free row. Only the rows' own entries are touched; other calls in the
-batch are unaffected.
+A transformer row's whole history is the first N positions of each layer's KV cache plus its
+position counters. That is what lets a prompt be prefilled in a state of its own (batch of the
+starting calls only, capacity of the prompt only) and then copied into a call slot of the live
+batch, touching no other row.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 
-@dataclass
-class RowState:
-    positions: int  # how many steps the row has taken
-    kv: dict[str, tuple[torch.Tensor, torch.Tensor]]  # state name -> (keys+values [2, H, N, D], end_offset)
-    offsets: dict[str, torch.Tensor]  # state name -> per-row offset (scalar tensor)
-
-    def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() for k, _ in self.kv.values())
+def streaming_states(module: torch.nn.Module) -> dict[str, Any]:
+    """Name -> streaming state of `module` and its streaming children (moshi's own walk)."""
+    return module.get_streaming_state()
 
 
-def _states(lm: torch.nn.Module) -> dict:
-    return {name: st for name, st in lm.get_streaming_state().items() if st is not None}
+def fresh_states(module: torch.nn.Module, batch_size: int, capacity: int,
+                 device: torch.device) -> dict[str, Any]:
+    """New streaming states for `module` (a moshi `StreamingTransformer`): `batch_size` rows whose
+    KV caches hold `capacity` positions instead of the model's whole context.
+
+    moshi sizes a KV cache by the attention's `context`; it is lowered only while the state is
+    made. The attention mask still uses the real context, which is the same as long as no more
+    than `capacity` positions are written (no ring wrap-around), as in a prefill.
+    """
+    from moshi.modules.transformer import StreamingMultiheadAttention
+
+    states: dict[str, Any] = {}
+
+    def make(name: str, mod) -> None:
+        if isinstance(mod, StreamingMultiheadAttention) and mod.context is not None:
+            saved = mod.context
+            mod.context = min(saved, capacity)
+            try:
+                states[name] = mod._init_streaming_state(batch_size)
+            finally:
+                mod.context = saved
+        else:
+            states[name] = mod._init_streaming_state(batch_size)
+
+    module._apply_named_streaming(make)
+    materialize(states, device)
+    return states
 
 
-def capture_row(lm: torch.nn.Module, row: int, positions: int) -> RowState:
-    kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    offsets: dict[str, torch.Tensor] = {}
-    for name, st in _states(lm).items():
-        cache = getattr(st, "kv_cache", None)
-        if cache is not None:
-            if positions > cache.capacity:
-                raise ValueError("prompt longer than the KV cache")
-            end = cache.end_offset[row].clone() if cache.end_offset.numel() > 1 else cache.end_offset.clone()
-            kv[name] = (cache.cache[:, row, :, :positions].clone(), end)
-        for attr in ("offset", "offsets"):
-            t = getattr(st, attr, None)
-            if isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() == st.batch_size:
-                offsets[f"{name}.{attr}"] = t[row].clone()
-    return RowState(positions=positions, kv=kv, offsets=offsets)
+def copy_rows(src: dict[str, Any], dst: dict[str, Any], pairs: list[tuple[int, int, int]]) -> None:
+    """Copy rows between two state sets of the same module: (src row, dst row, positions).
+
+    The destination rows get the source rows' first `positions` KV entries and position
+    counters set to `positions`; entries beyond are left as they are and count as invalid
+    (moshi masks cache positions at or past a row's end offset).
+    """
+    for name, s in src.items():
+        d = dst[name]
+        kv_s, kv_d = getattr(s, "kv_cache", None), getattr(d, "kv_cache", None)
+        for r_src, r_dst, n in pairs:
+            if kv_s is not None and kv_d is not None:
+                if n > kv_d.capacity:
+                    raise ValueError("prompt longer than the KV cache")
+                kv_d.cache[:, r_dst, :, :n].copy_(kv_s.cache[:, r_src, :, :n])
+                if not kv_d.respect_exec_mask:
+                    raise ValueError("a KV cache shared by all rows cannot take one row's positions")
+                kv_d.end_offset[r_dst] = n
+            for attr in ("offset", "offsets"):
+                t = getattr(d, attr, None)
+                if isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() == d.batch_size:
+                    t[r_dst] = n
 
 
-def restore_row(lm: torch.nn.Module, row: int, snap: RowState) -> None:
-    for name, st in _states(lm).items():
-        cache = getattr(st, "kv_cache", None)
-        if cache is not None and name in snap.kv:
-            values, end = snap.kv[name]
-            cache.cache[:, row, :, : snap.positions].copy_(values)
-            if cache.end_offset.numel() > 1:
-                cache.end_offset[row] = end
-        for attr in ("offset", "offsets"):
-            key = f"{name}.{attr}"
-            if key in snap.offsets:
-                getattr(st, attr)[row] = snap.offsets[key]
-
-
-def materialize_states(lm: torch.nn.Module, device: torch.device) -> int:
+def materialize(states: dict[str, Any], device: torch.device) -> int:
     """Give streaming state that was created on the meta device real storage on `device`.
 
     With --cpu-offload, accelerate keeps offloaded layers' weights on the meta device, and moshi
@@ -76,7 +89,9 @@ def materialize_states(lm: torch.nn.Module, device: torch.device) -> int:
             setattr(obj, attr, fill(t.shape, dtype=t.dtype, device=device))
             replaced += 1
 
-    for st in _states(lm).values():
+    for st in states.values():
+        if st is None:
+            continue
         for attr in ("exec_mask", "offset", "offsets"):
             fix(st, attr)
         cache = getattr(st, "kv_cache", None)
@@ -84,3 +99,8 @@ def materialize_states(lm: torch.nn.Module, device: torch.device) -> int:
             fix(cache, "cache")
             fix(cache, "end_offset")
     return replaced
+
+
+def materialize_states(lm: torch.nn.Module, device: torch.device) -> int:
+    """`materialize` for a model's own (live) streaming state."""
+    return materialize(streaming_states(lm), device)

@@ -12,24 +12,10 @@ from __future__ import annotations
 import av
 import numpy as np
 
-from agent.session import SAMPLE_RATE, CallSession
-
-
-class Resampler:
-    """Stateful mono float32 resampler (PyAV/libswresample)."""
-
-    def __init__(self, in_rate: int, out_rate: int):
-        self.in_rate, self.out_rate = in_rate, out_rate
-        self._r = None if in_rate == out_rate else av.AudioResampler(format="flt", layout="mono", rate=out_rate)
-
-    def __call__(self, pcm: np.ndarray) -> np.ndarray:
-        pcm = np.ascontiguousarray(pcm, dtype=np.float32).reshape(-1)
-        if self._r is None or len(pcm) == 0:
-            return pcm
-        frame = av.AudioFrame.from_ndarray(pcm[None, :], format="flt", layout="mono")
-        frame.sample_rate = self.in_rate
-        out = [f.to_ndarray().reshape(-1) for f in self._r.resample(frame)]
-        return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+from agent.events import CallState
+from agent.resample import Resampler
+from agent.session import CallSession
+from agent.timebase import FRAME_MS, SAMPLE_RATE
 
 
 class FrameResampler:
@@ -66,11 +52,12 @@ class Playout:
         self.resample = Resampler(SAMPLE_RATE, rate)
         self._buf = np.zeros(0, dtype=np.float32)
         self._gen = 0
-        self.on_underrun = on_underrun
+        self._flushed = False  # a barge-in emptied the buffer; no frame of the new generation yet
+        self.on_underrun = on_underrun  # (cause: "late" | "barge_in") -> None
         # Outbound alignment: each underrun (a late engine tick) would delay everything after
         # it by the silence played meanwhile; `_emit` trims such standing backlog.
         self._levels: list[int] = []
-        self._window = max(2 * (rate * 80 // 1000) // packet, 4)  # two model frames of packets
+        self._window = max(2 * (rate * FRAME_MS // 1000) // packet, 4)  # two model frames of packets
         self.realigned = 0
 
     def _fill(self) -> None:
@@ -78,12 +65,14 @@ class Playout:
         if sess.generation != self._gen:  # barge-in: what is buffered is stale
             self._buf = np.zeros(0, dtype=np.float32)
             self._gen = sess.generation
+            self._flushed = True
         while True:  # take everything the session has: the backlog is then measurable here
             f = sess.pull_frame()
             if f is None:
                 break
             if f.generation == sess.generation:
                 self._buf = np.concatenate([self._buf, self.resample(f.pcm)])
+                self._flushed = False
 
     def _emit(self) -> np.ndarray:
         out, self._buf = self._buf[: self.packet], self._buf[self.packet:]
@@ -108,10 +97,11 @@ class Playout:
         return self._emit()
 
     def report_underrun(self) -> None:
-        if self.session.state == "live":
-            self.session.count_underrun()
+        """Nothing to play: a late engine, or a barge-in that just flushed the agent's speech."""
+        if self.session.state is CallState.LIVE:
+            self.session.count_underrun(after_barge_in=self._flushed)
             if self.on_underrun is not None:
-                self.on_underrun()
+                self.on_underrun("barge_in" if self._flushed else "late")
 
     def next_packet(self) -> np.ndarray:
         """Always a packet: silence (counted as an underrun) when the agent has nothing ready."""

@@ -1,4 +1,10 @@
-"""Shared fixtures: the golden reference model (from ../shared) and the built-in demo model."""
+"""Shared fixtures: the golden reference model (from ../shared) and the built-in demo model.
+
+Tests live in three folders by cost, each marked accordingly (`-m unit` etc.):
+- tests/unit: no model, no subprocess: seconds; the inner loop while you work;
+- tests/engine: tiny models in process (engine, prefill, scheduler, VAD);
+- tests/e2e: server processes, sipp, pjsua2 callers, browsers, carrier clients.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,16 @@ ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(os.environ.get("PERSONAPLEX_GOLDEN", ROOT.parent / "shared" / "golden" / "personaplex-tiny"))
 GOLDEN_SKIP = ("needs ../shared/golden/personaplex-tiny (vectors computed by the PersonaPlex reference "
                "implementation; only present inside this workplace)")
+
+
+LAYERS = ("unit", "engine", "e2e")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
+        if parts and parts[0] in LAYERS:
+            item.add_marker(getattr(pytest.mark, parts[0]))
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +72,7 @@ def demo_dir(tmp_path_factory) -> Path:
 def server(tmp_path, demo_dir):
     """The real server (subprocess) on the demo model, with a single call slot: browser tests
     see both a call and "server busy" with it."""
-    from tests.helpers_server import ServerProcess
+    from tests.support.server import ServerProcess
 
     srv = ServerProcess(tmp_path, demo_dir.parent, {"engine": {"max_calls": 1, "retry_after_s": 3}})
     srv.wait_ready()
@@ -65,24 +81,22 @@ def server(tmp_path, demo_dir):
 
 
 @pytest.fixture(scope="session")
+def spoken_wav(tmp_path_factory) -> Path:
+    """A caller's sentence spoken by espeak-ng (24 kHz mono)."""
+    import subprocess
+
+    from tests.support import require
+
+    require("espeak-ng")
+    out = tmp_path_factory.mktemp("speech") / "hello.wav"
+    subprocess.run(["espeak-ng", "-w", str(out), "Hello, I would like to change my pickup day please."],
+                   check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def demo_model(demo_dir):
     from agent.model_files import local_model_files
     from agent.model_loader import load_model
 
     return load_model(local_model_files(demo_dir), device="cpu")
-
-
-def frames_of(pcm: np.ndarray, frame: int = 1920) -> list[np.ndarray]:
-    n = -(-len(pcm) // frame)
-    padded = np.zeros(n * frame, dtype=np.float32)
-    padded[: len(pcm)] = pcm
-    return [padded[i * frame:(i + 1) * frame] for i in range(n)]
-
-
-def speechlike(seconds: float, seed: int, sr: int = 24000) -> np.ndarray:
-    """A deterministic non-silent test signal (tone bursts + noise)."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * sr)) / sr
-    f = 150 + 60 * seed % 200
-    env = (np.sin(2 * np.pi * 1.7 * t) > 0).astype(np.float32)
-    return (0.3 * env * np.sin(2 * np.pi * f * t) + 0.03 * rng.standard_normal(len(t))).astype(np.float32)

@@ -13,7 +13,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from agent.barge_in import BargeInConfig
 from agent.errors import AgentError
+from agent.sampling import SamplingParams
+from agent.scheduler import SchedulerConfig
 
 
 class _Strict(BaseModel):
@@ -36,6 +39,9 @@ class SamplingConfig(_Strict):
     topk_audio: int = Field(250, ge=0)
     topk_text: int = Field(25, ge=0)
 
+    def to_params(self) -> SamplingParams:
+        return SamplingParams(**self.model_dump())
+
 
 class BargeInSettings(_Strict):
     enabled: bool = True
@@ -43,6 +49,10 @@ class BargeInSettings(_Strict):
     min_speech_ms: int = Field(160, ge=0, le=5000)
     agent_guard_ms: int = Field(300, ge=0, le=5000)
     agent_active_dbfs: float = Field(-42.0, le=0)
+    agent_release_ms: int = Field(240, ge=0, le=5000)
+
+    def to_config(self) -> BargeInConfig:
+        return BargeInConfig(**self.model_dump())
 
 
 class EngineConfig(_Strict):
@@ -51,9 +61,19 @@ class EngineConfig(_Strict):
     context_policy: Literal["hangup", "slide"] = "hangup"
     idle_timeout_s: float = Field(20.0, gt=0)
     retry_after_s: int = Field(5, ge=1)
-    prewarm: bool = True  # build every persona's prompt snapshot at start and on persona changes
+    # caller audio waits at most this long for the engine; older audio is dropped (and counted)
+    max_latency_ms: float = Field(400.0, ge=80, le=5000)
+    prefill_batch: int = Field(4, ge=1, le=64)  # calls whose prompts are prefilled in one forward
+    prewarm: bool = True  # load every persona's voice (encode custom wavs) before their first call
     sampling: SamplingConfig = SamplingConfig()
     barge_in: BargeInSettings = BargeInSettings()
+
+    def to_scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(
+            max_calls=self.max_calls, max_call_seconds=self.max_call_seconds, context_policy=self.context_policy,
+            idle_timeout_s=self.idle_timeout_s, retry_after_s=self.retry_after_s,
+            max_latency_ms=self.max_latency_ms, prefill_batch=self.prefill_batch,
+            barge_in=self.barge_in.to_config(), default_sampling=self.sampling.to_params())
 
 
 class PersonasConfig(_Strict):

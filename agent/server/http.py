@@ -17,10 +17,10 @@ async def readyz(request: web.Request) -> web.Response:
     rt = _rt(request)
     sch = rt.scheduler
     body = {"model_loaded": rt.ready.model, "endpoints_listening": rt.ready.endpoints,
-            "engine_running": bool(sch and sch.running), "draining": rt.draining,
+            "engine_running": bool(sch and sch.running), "warm": rt.ready.warm, "draining": rt.draining,
             "capacity_left": sch.capacity_left if sch else 0,
             "max_calls": rt.cfg.engine.max_calls}
-    ok = body["model_loaded"] and body["endpoints_listening"] and body["engine_running"] \
+    ok = body["model_loaded"] and body["endpoints_listening"] and body["engine_running"] and body["warm"] \
         and not body["draining"] and body["capacity_left"] > 0
     body["ready"] = ok
     return web.json_response(body, status=200 if ok else 503)
@@ -40,8 +40,10 @@ async def calls(request: web.Request) -> web.Response:
     for s in (sch.active_calls if sch else []):
         st = s.stats
         out.append({"call_id": s.call_id, "persona": s.persona.id, "number": s.number, "endpoint": s.endpoint,
-                    "state": s.state, "duration_s": round(s.duration, 2), "from_snapshot": s.from_snapshot,
-                    "frames_in": st.frames_in, "caller_peak": round(st.caller_peak, 4), "frames_out": st.frames_out, "late_inbound": st.late_inbound,
+                    "state": s.state.value, "duration_s": round(s.duration, 2), "answer_ticks": s.answer_ticks,
+                    "frames_in": st.frames_in, "caller_peak": round(st.caller_peak, 4),
+                    "frames_out": st.frames_out, "late_inbound": st.late_inbound,
+                    "caller_audio_dropped_s": round(st.caller_dropped_s, 3),
                     "playout_underruns": st.playout_underruns, "barge_ins": st.barge_ins})
     return web.json_response({"calls": out})
 

@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from agent.session import SAMPLE_RATE, CallSession
+from agent.events import BargeIn, Dtmf, Ended
+from agent.session import CallSession
+from agent.timebase import FRAME_S, SAMPLE_RATE
 
 log = structlog.get_logger(__name__)
 
@@ -31,13 +33,16 @@ class CallRecorder:
             rec["caller"].append(caller if caller is not None else np.zeros_like(agent))
             rec["agent"].append(agent)
             if text:
-                rec["text"].append({"t": round(index * 0.08, 2), "text": text})
+                rec["text"].append({"t": round(index * FRAME_S, 2), "text": text})
 
         def on_event(ev) -> None:
-            if ev.kind == "ended":
-                threading.Thread(target=self._write, args=(sess, rec, ev.data.get("reason")), daemon=True).start()
-            elif ev.kind in ("barge_in", "dtmf"):
-                rec["text"].append({"t": round(len(rec["agent"]) * 0.08, 2), "event": ev.kind, **ev.data})
+            t = round(len(rec["agent"]) * FRAME_S, 2)
+            if isinstance(ev, Ended):
+                threading.Thread(target=self._write, args=(sess, rec, ev.reason.value), daemon=True).start()
+            elif isinstance(ev, BargeIn):
+                rec["text"].append({"t": t, "event": "barge_in", "generation": ev.generation})
+            elif isinstance(ev, Dtmf):
+                rec["text"].append({"t": t, "event": "dtmf", "digit": ev.digit})
 
         sess.recorder = on_frame
         sess.subscribe(on_event)
@@ -56,7 +61,8 @@ class CallRecorder:
         os.replace(tmp_wav, base.with_suffix(".wav"))
         meta = {"call_id": sess.call_id, "persona": sess.persona.id, "number": sess.number,
                 "endpoint": sess.endpoint, "started": rec["t0"], "reason": reason,
-                "duration_s": round(len(rec["agent"]) * 0.08, 2), "transcript": rec["text"],
+                "duration_s": round(len(rec["agent"]) * FRAME_S, 2), "prompt": sess.prompt,
+                "transcript": rec["text"],
                 "channels": {"left": "caller", "right": "agent"}}
         tmp_json = base.with_suffix(".json.tmp")
         tmp_json.write_text(json.dumps(meta, indent=1, ensure_ascii=False))

@@ -13,14 +13,13 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
-from agent.barge_in import BargeInConfig
+from agent.events import EndReason
 from agent.metrics import Metrics
 from agent.model_loader import LoadedModel
 from agent.personas.registry import PersonaRegistry, ReloadReport
 from agent.personas.schema import Persona
 from agent.personas.tools import make_prompt_limit
-from agent.sampling import SamplingParams
-from agent.scheduler import Scheduler, SchedulerConfig
+from agent.scheduler import Scheduler
 from agent.server.config import ServerConfig
 from agent.voices import available_voices
 
@@ -70,6 +69,7 @@ def _cached_hub(repo: str):
 class Ready:
     model: bool = False
     endpoints: bool = False
+    warm: bool = False  # the call path has run once
 
 
 class Runtime:
@@ -100,15 +100,7 @@ class Runtime:
 
     def build(self) -> None:
         model = self.load_model()
-        e = self.cfg.engine
-        b = e.barge_in
-        sched_cfg = SchedulerConfig(
-            max_calls=e.max_calls, max_call_seconds=e.max_call_seconds, context_policy=e.context_policy,
-            idle_timeout_s=e.idle_timeout_s, retry_after_s=e.retry_after_s, prewarm=e.prewarm,
-            barge_in=BargeInConfig(enabled=b.enabled, vad_threshold=b.vad_threshold, min_speech_ms=b.min_speech_ms,
-                                   agent_guard_ms=b.agent_guard_ms, agent_active_dbfs=b.agent_active_dbfs),
-            default_sampling=SamplingParams(**e.sampling.model_dump()))
-        self.scheduler = Scheduler(model, sched_cfg, self.metrics)
+        self.scheduler = Scheduler(model, self.cfg.engine.to_scheduler_config(), self.metrics)
         voices_dir = model.files.voices_dir
         self.registry = PersonaRegistry(self.cfg.personas.dir, available_voices(voices_dir),
                                         prompt_limit=make_prompt_limit(model.text_tokenizer, model.context, voices_dir),
@@ -121,8 +113,8 @@ class Runtime:
 
     def _personas_changed(self, report: ReloadReport) -> None:
         self._sync_reload_errors()
-        if self.scheduler is not None and self.registry is not None:
-            self.scheduler.prewarm(self.registry.personas())
+        if self.scheduler is not None and self.registry is not None and self.cfg.engine.prewarm:
+            self.scheduler.preload_voices(self.registry.personas())
 
     def _sync_reload_errors(self) -> None:
         if self.registry is None:
@@ -174,7 +166,9 @@ class Runtime:
         self.registry.reload()
         self._sync_reload_errors()
         self.registry.start_watching(self.cfg.personas.reload_interval_s)
-        self.scheduler.prewarm(self.registry.personas())
+        if self.cfg.engine.prewarm:
+            self.scheduler.preload_voices(self.registry.personas())
+        await self._warm_up()
         if self.cfg.http.enabled:
             app = self.build_app()
             self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
@@ -205,6 +199,22 @@ class Runtime:
                  sip=[f"{t}:{self.cfg.sip.host}:{ep.port}" for ep in self.endpoints if hasattr(ep, "port")
                       for t in self.cfg.sip.transports] or None)
 
+    async def _warm_up(self) -> None:
+        """Run the call path once before reporting ready, so the first call is no slower than the
+        tenth (first-use costs: kernels, Mimi, the VAD model)."""
+        assert self.scheduler is not None and self.registry is not None
+        persona = self.registry.default or next(iter(self.registry.personas()), None)
+        if persona is not None:
+            voice, prompt = persona.voice, persona.prompt
+        else:
+            from agent.voices import available_voices
+
+            voice = next(iter(available_voices(self.model.files.voices_dir)), "NATF0")
+            prompt = "You enjoy having a good conversation."
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.scheduler.warm_up, voice, prompt)
+        self.ready.warm = self.scheduler.warm.is_set()
+
     @property
     def draining(self) -> bool:
         return self.scheduler is not None and self.scheduler.draining
@@ -218,7 +228,7 @@ class Runtime:
         while self.scheduler.active_calls and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         left = len(self.scheduler.active_calls)
-        self.scheduler.stop("shutdown")  # remaining calls get a polite hang-up (BYE / page notice)
+        self.scheduler.stop(EndReason.SHUTDOWN)  # remaining calls get a polite hang-up (BYE / page notice)
         await asyncio.sleep(0.2)
         for ep in reversed(self.endpoints):
             try:

@@ -7,7 +7,8 @@ import time
 import numpy as np
 import pjsua2 as pj
 
-from agent.session import CallSession, Event
+from agent.events import BargeIn, CallEvent, CallState, Ended, EndReason, Hold, StateChanged, TransferFailed
+from agent.session import CallSession
 from telephony.audio import Capture, Playout
 from telephony.sip.port import RATE, SAMPLES, CallAudioPort
 
@@ -38,25 +39,25 @@ class SipCall(pj.Call):
         self.capture = Capture(session, RATE)
         metrics = self.endpoint.runtime.metrics
         self.playout = Playout(session, RATE, SAMPLES,
-                               on_underrun=lambda: metrics.playout_underruns.labels("sip").inc())
+                               on_underrun=lambda cause: metrics.playout_underruns.labels("sip", cause).inc())
         # The listener runs on engine/VAD threads. It must not hold this object: a pjsua2 object
         # freed on a thread pjlib does not know aborts the process. It posts work, by call id,
         # to the SIP thread, the only thread that touches pjsua2.
         endpoint, call_id = self.endpoint, self.getId()
 
-        def on_session_event(ev: Event) -> None:
-            if ev.kind in ("state", "ended", "barge_in"):
+        def on_session_event(ev: CallEvent) -> None:
+            if isinstance(ev, (StateChanged, Ended, BargeIn)):
                 endpoint.post(lambda: endpoint.session_event(call_id, ev))
         session.subscribe(on_session_event)
 
-    def on_session_event(self, ev: Event) -> None:
+    def on_session_event(self, ev: CallEvent) -> None:
         """A session event, on the SIP thread."""
-        if ev.kind == "state" and ev.data.get("state") == "live":
+        if isinstance(ev, StateChanged) and ev.state is CallState.LIVE:
             self.answer_ok()
-        elif ev.kind == "ended":
-            self.end_by_agent(ev.data.get("reason", "ended"))
-        elif ev.kind == "barge_in" and self.port is not None:
-            self.port.generation = ev.data.get("generation", 0)
+        elif isinstance(ev, Ended):
+            self.end_by_agent(ev.reason)
+        elif isinstance(ev, BargeIn) and self.port is not None:
+            self.port.generation = ev.generation
             self.port.outbound.clear()
 
     def answer_ok(self) -> None:
@@ -67,13 +68,13 @@ class SipCall(pj.Call):
         self.answer(op)
         self.answered = True
 
-    def end_by_agent(self, reason: str) -> None:
+    def end_by_agent(self, reason: EndReason) -> None:
         """The agent side ended the call (max duration, drain, failure): BYE, or a final answer."""
         if self.disconnected:
             return
         op = pj.CallOpParam()
         if not self.answered:
-            op.statusCode = 503 if reason in ("shutdown", "draining") else 480
+            op.statusCode = 503 if reason is EndReason.SHUTDOWN else 480
         try:
             self.hangup(op)
         except pj.Error:
@@ -88,13 +89,13 @@ class SipCall(pj.Call):
             self.disconnected = True
             if self.session is not None:
                 self.session.log.info("sip_disconnected", status=ci.lastStatusCode, reason=ci.lastReason)
-                reason = "caller_hangup" if self.confirmed else "cancelled"
+                reason = EndReason.CALLER_HANGUP if self.confirmed else EndReason.CANCELLED
                 if self.confirmed and ci.lastStatusCode == 408:
                     # pjsip ended an established call itself: its session timer (RFC 4028)
                     # expired without a refresh (we send no other in-dialog requests that end it)
-                    reason = "session_expired"
+                    reason = EndReason.SESSION_EXPIRED
                 if self.transfer_pending:
-                    reason = "transferred"
+                    reason = EndReason.TRANSFERRED
                 self.session.hangup(reason)
             self.endpoint.forget(self)
 
@@ -111,7 +112,7 @@ class SipCall(pj.Call):
                                pj.PJSUA_CALL_MEDIA_NONE):
                 self.on_hold = True
                 if self.session is not None:
-                    self.session.emit("hold", on=True)
+                    self.session.emit(Hold(True))
 
     def _connect(self, index: int) -> None:
         if self.port is None:
@@ -155,7 +156,7 @@ class SipCall(pj.Call):
         else:
             self.transfer_pending = False
             self.session.log.warning("sip_transfer_rejected", status=prm.statusCode, reason=prm.reason)
-            self.session.emit("transfer_failed", status=prm.statusCode)
+            self.session.emit(TransferFailed(prm.statusCode))
 
     # -- SIP thread housekeeping ----------------------------------------------------------------
     def pump(self) -> None:
@@ -179,7 +180,7 @@ class SipCall(pj.Call):
             port.outbound.append((sess.generation, (np.clip(pkt, -1, 1) * 32767).astype("<i2").tobytes()))
         # underruns happen on the bridge clock (the port plays silence); account for them here
         n, port.underruns = port.underruns, 0
-        if sess.state == "live":
+        if sess.state is CallState.LIVE:
             for _ in range(n):
                 self.playout.report_underrun()
 
@@ -196,4 +197,4 @@ class SipCall(pj.Call):
             self.last_rx_change = now
         elif now - self.last_rx_change > timeout_s and self.session is not None:
             self.session.log.warning("sip_rtp_timeout", seconds=timeout_s)
-            self.session.hangup("rtp_timeout")
+            self.session.hangup(EndReason.RTP_TIMEOUT)

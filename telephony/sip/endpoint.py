@@ -18,6 +18,7 @@ import pjsua2 as pj
 import structlog
 
 from agent.commands import run_pending
+from agent.events import CallState
 from agent.scheduler import CallRefused
 from telephony.sip.call import SipCall
 from telephony.sip.sipmsg import allowed, dialled_user, source_ip
@@ -281,5 +282,5 @@ class SipEndpoint:
         op = pj.CallOpParam()
         op.statusCode = 180
         call.answer(op)
-        if session.state == "live":  # the first frame was ready before we rang
+        if session.state is CallState.LIVE:  # the first frame was ready before we rang
             call.answer_ok()

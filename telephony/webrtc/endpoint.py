@@ -19,10 +19,12 @@ from aiohttp import web
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
+from agent.events import CallEvent, Ended, EndReason
 from agent.scheduler import CallRefused
-from agent.session import CallSession, Event
+from agent.session import CallSession
 from telephony.audio import FrameResampler, Playout
 from telephony.webrtc.offer import drop_mdns_candidates
+from telephony.webrtc.protocol import PageDtmf, PageHangup, decode_page_message, encode_event, hello
 from telephony.webrtc.tracks import PACKET, RATE, AgentAudioTrack
 
 log = structlog.get_logger(__name__)
@@ -41,7 +43,7 @@ class WebRtcCall:
         self.closed = False
         metrics = endpoint.runtime.metrics
         self.playout = Playout(session, RATE, PACKET,
-                               on_underrun=lambda: metrics.playout_underruns.labels(NAME).inc())
+                               on_underrun=lambda cause: metrics.playout_underruns.labels(NAME, cause).inc())
         self.track = AgentAudioTrack(self.playout)
         pc.addTrack(self.track)
         pc.on("track", self._on_track)
@@ -70,30 +72,26 @@ class WebRtcCall:
             pass
         except Exception:
             self.session.log.exception("webrtc_inbound_failed")
-        self.session.hangup("caller_gone")
+        self.session.hangup(EndReason.CALLER_GONE)
 
     def _on_datachannel(self, channel) -> None:
         self.channel = channel
 
         @channel.on("message")
         def on_message(message) -> None:
-            try:
-                msg = json.loads(message)
-            except (TypeError, ValueError):
-                return
-            if msg.get("type") == "hangup":
-                self.session.hangup("caller_hangup")
-            elif msg.get("type") == "dtmf" and isinstance(msg.get("digit"), str):
-                self.session.dtmf(msg["digit"][:1])
+            msg = decode_page_message(message)
+            if isinstance(msg, PageHangup):
+                self.session.hangup(EndReason.CALLER_HANGUP)
+            elif isinstance(msg, PageDtmf):
+                self.session.dtmf(msg.digit)
 
-        self._send({"type": "state", "state": self.session.state, "call_id": self.session.call_id,
-                    "persona": self.session.persona.id})
+        self._send(hello(self.session.state.value, self.session.call_id, self.session.persona.id))
 
     async def _on_state(self) -> None:
         state = self.pc.connectionState
         self.session.log.info("webrtc_state", state=state)
         if state in ("failed", "closed"):
-            self.session.hangup("connection_lost" if state == "failed" else "closed")
+            self.session.hangup(EndReason.CONNECTION_LOST if state == "failed" else EndReason.CLOSED)
             await self.close()
 
     def _send(self, payload: dict) -> None:
@@ -104,13 +102,15 @@ class WebRtcCall:
             except Exception:
                 pass
 
-    def _on_event(self, ev: Event) -> None:
+    def _on_event(self, ev: CallEvent) -> None:
         # engine/VAD threads: hand over to the event loop
         self.loop.call_soon_threadsafe(self._handle_event, ev)
 
-    def _handle_event(self, ev: Event) -> None:
-        self._send({"type": ev.kind, **ev.data})
-        if ev.kind == "ended":
+    def _handle_event(self, ev: CallEvent) -> None:
+        msg = encode_event(ev)
+        if msg is not None:
+            self._send(msg)
+        if isinstance(ev, Ended):
             self._spawn(self._close_soon())
 
     async def _close_soon(self) -> None:
@@ -121,14 +121,14 @@ class WebRtcCall:
         await asyncio.sleep(timeout)
         if self.pc.connectionState not in ("connected",) and not self.closed:
             self.session.log.warning("webrtc_ice_timeout", state=self.pc.connectionState)
-            self.session.hangup("ice_timeout")
+            self.session.hangup(EndReason.ICE_TIMEOUT)
             await self.close()
 
     async def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        self.session.hangup("closed")
+        self.session.hangup(EndReason.CLOSED)
         self.endpoint.calls.discard(self)
         try:
             await self.pc.close()

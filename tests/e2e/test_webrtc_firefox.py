@@ -1,4 +1,4 @@
-"""Firefox calls the agent too: Debian's Firefox ESR, headless, over Marionette (tests/firefox.py).
+"""Firefox calls the agent too: Debian's Firefox ESR, headless, over Marionette (tests/support/firefox.py).
 
 Firefox differs from Chromium where it matters here: it hides its host addresses behind mDNS
 names (the server must still connect), and it keeps an AudioContext made without a user gesture
@@ -11,8 +11,9 @@ import importlib.util
 
 import pytest
 
-from tests.firefox import FIREFOX
-from tests.helpers_server import ROOT, http_json, wait_caller_heard, wait_capacity
+from tests.support.firefox import FIREFOX
+from tests.support import ROOT
+from tests.support.server import http_json, wait_caller_heard, wait_capacity
 
 ARTIFACTS = ROOT / "artifacts"
 
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def firefox(tmp_path):
-    from tests.firefox import Firefox
+    from tests.support.firefox import Firefox
 
     ff = Firefox(tmp_path)
     yield ff

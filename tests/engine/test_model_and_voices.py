@@ -124,7 +124,7 @@ def test_custom_wav_voice_equals_its_recorded_pt(demo_model, tmp_path):
     from agent.engine import Engine
     from agent.sampling import SamplingParams
     from agent.voice_record import record_voice_prompt, save_voice_pt
-    from tests.conftest import speechlike
+    from tests.support import speechlike
 
     wav = tmp_path / "me.wav"
     sphn.write_wav(str(wav), speechlike(1.5, 9), 24000)
@@ -147,7 +147,7 @@ def test_voices_cli_lists_and_makes(demo_dir, tmp_path, capsys):
     import sphn
 
     from agent.cli import main
-    from tests.conftest import speechlike
+    from tests.support import speechlike
 
     assert main(["voices", "list", "--model-dir", str(demo_dir), "--device", "cpu"]) == 0
     assert "NATF2" in capsys.readouterr().out.split()

@@ -17,7 +17,7 @@ from agent.engine import Engine
 from agent.model_files import local_model_files
 from agent.model_loader import count_depformer_sets, load_model, slice_depformer
 from agent.sampling import SamplingParams
-from tests.conftest import frames_of
+from tests.support import frames_of
 
 GREEDY = SamplingParams(greedy=True)
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from agent.server.config import ConfigError, load_config
-from tests.helpers_server import ROOT, ServerProcess, http_json, http_text, speech_wav
-from tests.webrtc_client import WebRtcCaller
+from tests.support import ROOT, speech_wav
+from tests.support.server import ServerProcess, http_json, http_text
+from tests.support.webrtc_client import WebRtcCaller
 
 
 def test_shipped_configs_are_valid():

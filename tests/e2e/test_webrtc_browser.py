@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from tests.helpers_server import ROOT, http_json, speech_wav, wait_caller_heard, wait_capacity
+from tests.support import ROOT, speech_wav
+from tests.support.server import http_json, wait_caller_heard, wait_capacity
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = ROOT / "artifacts"

@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers_server import ServerProcess, free_port, http_json, http_text, poll, speech_wav
+from tests.support import free_port, poll, speech_wav
+from tests.support.server import ServerProcess, http_json, http_text
 
 SIPP = shutil.which("sipp")
 SCENARIOS = Path(__file__).parent / "sipp"
+SIP_CLIENT = Path(__file__).resolve().parents[1] / "support" / "sip_client.py"
 
 try:
     import pjsua2  # noqa: F401
@@ -87,7 +89,7 @@ def client_summary(stdout: str) -> dict:
 
 
 def pj_call(srv, number: str, wav: Path, out: Path, seconds=3.0, codec="", dtmf=""):
-    cmd = [sys.executable, str(Path(__file__).parent / "sip_client.py"), f"sip:{number}@127.0.0.1:{srv.sip_port}",
+    cmd = [sys.executable, str(SIP_CLIENT), f"sip:{number}@127.0.0.1:{srv.sip_port}",
            str(wav), str(out), "--seconds", str(seconds)]
     if codec:
         cmd += ["--codec", codec]
@@ -347,7 +349,7 @@ def test_call_over_tls(tmp_path, demo_dir, audio):
     try:
         srv.wait_ready()
         uri = f"sip:1001@127.0.0.1:{srv.sip_port + 1};transport=tls"
-        cmd = [sys.executable, str(Path(__file__).parent / "sip_client.py"), uri, str(audio["wav16"]),
+        cmd = [sys.executable, str(SIP_CLIENT), uri, str(audio["wav16"]),
                str(tmp_path / "tls.wav"), "--seconds", "1.5", "--tls"]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         assert client_summary(res.stdout)["answered"], res.stdout[-2000:]

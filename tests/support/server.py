@@ -16,13 +16,8 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT, free_port, poll
 
-
-def free_port(kind=socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_json(url: str, timeout: float = 5.0) -> tuple[int, dict]:
@@ -98,27 +93,6 @@ class ServerProcess:
                 self.proc.wait()
         self.log.close()
         return self.proc.returncode
-
-
-def speech_wav(path: Path, text: str, rate: int) -> Path:
-    """Speech from espeak-ng, converted by sox to `rate` Hz mono 16-bit."""
-    raw = path.with_suffix(".raw.wav")
-    subprocess.run(["espeak-ng", "-w", str(raw), text], check=True, capture_output=True)
-    subprocess.run(["sox", str(raw), "-r", str(rate), "-c", "1", "-b", "16", str(path)], check=True,
-                   capture_output=True)
-    return path
-
-
-
-def poll(fetch, done, timeout: float, step: float = 0.2):
-    """Call `fetch` until `done(value)` holds or `timeout` s have passed; return the last value.
-    Tests wait on what the system did, bounded, never on fixed sleeps (CI machines are slow)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fetch()
-        if done(value) or time.monotonic() > deadline:
-            return value
-        time.sleep(step)
 
 
 def wait_caller_heard(srv: "ServerProcess", timeout: float = 15.0) -> dict:

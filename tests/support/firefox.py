@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.helpers_server import free_port
+from tests.support import free_port
 
 FIREFOX = shutil.which("firefox-esr") or shutil.which("firefox")
 OFFLINE = "http://127.0.0.1:9/"  # discard port: any background fetch fails at once, locally

@@ -8,7 +8,7 @@ import pytest
 from agent.engine import Engine
 from agent.generator import Phase
 from agent.sampling import SamplingParams
-from tests.conftest import frames_of, speechlike
+from tests.support import frames_of, speechlike
 
 CALLS = [
     # (voice, prompt, input seed, start frame, frames)

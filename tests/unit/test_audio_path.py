@@ -1,4 +1,4 @@
-"""The edge of the audio path: resampling, playout packets, barge-in drops, latency trimming."""
+"""The edge of the audio path: resampling, inbound audio kept whole, playout packets, barge-in drops."""
 
 from __future__ import annotations
 
@@ -6,15 +6,17 @@ import numpy as np
 
 from agent.barge_in import BargeInConfig
 from agent.personas.schema import Persona
-from agent.session import ALIGN_KEEP, ALIGN_MAX, ALIGN_WINDOW, FRAME, CallSession
-from telephony.audio import Capture, Playout, Resampler
+from agent.events import CallState
+from agent.resample import Resampler
+from agent.session import FRAME, CallSession, InboundAudio
+from telephony.audio import Capture, Playout
 
 PERSONA = Persona(id="p", kind="prompt", numbers=("1",), voice="NATF0", prompt="Hi.", source="p.yaml")
 
 
 def session(**kw) -> CallSession:
     s = CallSession(PERSONA, "1", "test", BargeInConfig(enabled=False), **kw)
-    s.state = "live"
+    s.state = CallState.LIVE
     return s
 
 
@@ -36,23 +38,32 @@ def test_capture_feeds_the_session_at_24k():
     assert all(t is not None and len(t) == FRAME for t in taken[:2])
 
 
-def test_inbound_standing_backlog_is_trimmed_once():
-    s = session()
-    s.push_audio(np.zeros(1000, np.float32))  # a standing 1000-sample backlog (~42 ms)
-    for _ in range(ALIGN_WINDOW + 2):
-        s.push_audio(np.zeros(FRAME, np.float32))
-        assert s.take_inbound() is not None
-    assert s.stats.inbound_realigned == 1
-    assert len(s._in) <= ALIGN_KEEP
-    for _ in range(ALIGN_WINDOW * 2):  # in step now: no further trimming
-        s.push_audio(np.zeros(FRAME, np.float32))
-        s.take_inbound()
-    assert s.stats.inbound_realigned == 1 and len(s._in) <= ALIGN_MAX
+def test_inbound_audio_is_kept_whole_and_in_order_up_to_the_latency_bound():
+    s = session(max_latency_ms=400)  # 9600 samples
+    sig = np.arange(1, 8001, dtype=np.float32)
+    for i in range(0, len(sig), 480):  # 20 ms packets, nothing consumed yet
+        s.push_audio(sig[i:i + 480])
+    got = [s.take_inbound() for _ in range(4)]
+    assert s.take_inbound() is None  # a partial frame waits for the rest of it
+    np.testing.assert_array_equal(np.concatenate(got), sig[: 4 * FRAME])
+    assert s.inbound_samples == len(sig) - 4 * FRAME and s.stats.caller_dropped_samples == 0
+    s.push_audio(np.arange(8001, 8001 + 9600, dtype=np.float32))  # past the bound: the oldest go
+    waiting = len(sig) - 4 * FRAME  # 320 samples were waiting; 9600 more make 9920: 320 too many
+    assert s.inbound_samples == 9600 and s.stats.caller_dropped_samples == waiting
+    assert s.take_inbound()[0] == 8001  # the oldest went, the newest stayed
+
+
+def test_inbound_bound_counts_every_dropped_sample():
+    buf = InboundAudio(4000)
+    assert buf.push(np.zeros(3000, np.float32)) == 0
+    assert buf.push(np.ones(2500, np.float32)) == 1500
+    assert len(buf) == 4000 and buf.take(1500).sum() == 0 and buf.take(2500).sum() == 2500
 
 
 def test_playout_packets_underruns_and_barge_in():
     s = session()
-    p = Playout(s, 48000, 960)
+    causes = []
+    p = Playout(s, 48000, 960, on_underrun=causes.append)
     assert not p.next_packet().any() and s.stats.playout_underruns == 1  # nothing yet: silence, counted
     s.deliver(np.full(FRAME, 0.5, np.float32), None, 0.0)
     pkts = [p.next_packet() for _ in range(4)]  # 80 ms at 48 kHz = 4 packets of 20 ms
@@ -61,6 +72,9 @@ def test_playout_packets_underruns_and_barge_in():
     p.next_packet()
     s.barge_in()  # what was queued or buffered before the barge-in never plays
     assert not p.next_packet().any()
+    # that silence is the barge-in's doing, not a late engine: counted apart
+    assert causes[-1] == "barge_in" and causes.count("barge_in") == 1
+    assert s.stats.underruns_after_barge_in == 1 and s.stats.playout_underruns == len(causes) - 1
     s.deliver(np.full(FRAME, 0.25, np.float32), None, 0.2)
     assert abs(np.abs(p.next_packet()[200:]).max() - 0.25) < 0.05
 

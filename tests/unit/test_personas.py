@@ -13,7 +13,7 @@ import pytest
 from agent.personas import PersonaRegistry, load_persona_dir, normalize_number
 from agent.voices import STOCK_VOICES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "personas"
 
 UPSTREAM_PROMPTS = {

@@ -1,0 +1,58 @@
+"""Barge-in VAD, batched across calls: the same probabilities as Silero run call by call."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agent.audio_io import read_audio
+from agent.vad import VAD_CHUNK, BatchedVad, VadStream
+from tests.support import speechlike
+
+
+@pytest.fixture(scope="module")
+def vad():
+    return BatchedVad()
+
+
+def test_batched_vad_equals_silero_call_by_call(vad, spoken_wav):
+    import silero_vad
+    import torch
+
+    speech16 = read_audio(spoken_wav, 16000)
+    signals = [speech16[: 40 * VAD_CHUNK], np.zeros(30 * VAD_CHUNK, np.float32),
+               speechlike(1.5, 3, sr=16000)[: 35 * VAD_CHUNK]]
+    expected = []
+    reference = silero_vad.load_silero_vad()
+    for sig in signals:
+        reference.reset_states()
+        expected.append([float(reference(torch.from_numpy(sig[i:i + VAD_CHUNK].copy()), 16000))
+                         for i in range(0, len(sig), VAD_CHUNK)])
+    # one batch per round; streams join late and leave early, each keeps its own state
+    streams = [VadStream() for _ in signals]
+    got: list[list[float]] = [[] for _ in signals]
+    starts = [0, 5, 2]
+    for r in range(45):
+        active = [i for i, sig in enumerate(signals) if starts[i] <= r < starts[i] + len(sig) // VAD_CHUNK]
+        for i in active:
+            k = r - starts[i]
+            streams[i].pending = signals[i][k * VAD_CHUNK:(k + 1) * VAD_CHUNK].copy()
+        if active:
+            for i, p in zip(active, vad.forward([streams[i] for i in active])):
+                got[i].append(p)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, atol=1e-4)  # batching changes float rounding only
+    assert max(expected[0]) > 0.8 and max(expected[1]) < 0.3
+
+
+def test_stream_resamples_24k_and_runs_whole_chunks(vad, spoken_wav):
+    speech = read_audio(spoken_wav, 24000)
+    s = VadStream()
+    for i in range(0, len(speech), 480):  # 20 ms packets, as endpoints push them
+        s.feed(speech[i:i + 480])
+    probs = vad.run([s])[0]
+    assert len(probs) >= len(speech) * 2 // 3 // VAD_CHUNK - 2 and len(s.pending) < VAD_CHUNK
+    assert max(probs) > 0.8
+    quiet = VadStream()
+    quiet.feed(np.zeros(24000, np.float32))
+    assert max(vad.run([quiet])[0]) < 0.3
