@@ -124,8 +124,8 @@ def test_drain_keeps_calls_refuses_new_then_exits(tmp_path, demo_dir, caller_wav
     assert 'personaplex_active_calls{endpoint="webrtc"} 1.0' in metrics
     assert 'personaplex_calls_total{endpoint="webrtc",outcome="refused_draining"} 1.0' in metrics
     assert "personaplex_engine_step_seconds_count" in metrics
-    assert "personaplex_answer_to_first_audio_seconds_count{snapshot=" in metrics
-    assert "personaplex_snapshot_builds_total" in metrics
+    assert "personaplex_answer_to_first_audio_seconds_count 1.0" in metrics
+    assert "personaplex_prefill_seconds_count" in metrics
     # the call record: stereo wav (caller left, agent right) + transcript, written atomically
     deadline = time.monotonic() + 5
     while not list((tmp_path / "rec").glob("*.json")) and time.monotonic() < deadline:

@@ -47,7 +47,7 @@ def audio(tmp_path_factory):
 def sip_server(tmp_path_factory, demo_dir):
     tmp = tmp_path_factory.mktemp("sipserver")
     srv = ServerProcess(tmp, demo_dir.parent, {
-        "engine": {"max_calls": 1, "retry_after_s": 3, "prewarm": False},
+        "engine": {"max_calls": 1, "retry_after_s": 3},
         "personas": {"unknown_numbers": "refuse"},
         "sip": {"enabled": True, "busy_code": 486, "rtp_port": 21000, "rtp_timeout_s": 3},
     })
@@ -129,7 +129,7 @@ def test_sipp_call_with_rtp_audio(sip_server, audio, tmp_path):
 
 def test_sipp_cancel_before_answer_frees_the_slot(sip_server, tmp_path):
     before = len(call_ends(sip_server, 0, 0))
-    # persona 1004 has no snapshot yet (prewarm is off): its prompt phase keeps the call ringing
+    # sipp sends CANCEL the moment 180 arrives; 200 OK waits for the first agent frame (a tick)
     rc, msgs = sipp(sip_server, SCENARIOS / "uac_cancel.xml", "1004", tmp_path)
     assert rc == 0, msgs[-3000:]
     assert "487 Request Terminated" in msgs
