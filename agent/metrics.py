@@ -25,7 +25,7 @@ class Metrics:
                                         "From call start to the first agent audio frame",
                                         buckets=ANSWER_BUCKETS, registry=r)
         self.late_inbound = Counter("personaplex_late_inbound_frames_total",
-                                    "Ticks where a caller's frame had not all arrived (silence fed, audio kept)",
+                                    "Ticks the model heard silence because the caller's audio had stopped arriving",
                                     registry=r)
         self.catch_up_steps = Counter("personaplex_catch_up_steps_total",
                                       "Extra steps that consumed caller audio a late tick left waiting", registry=r)

@@ -70,6 +70,7 @@ class SchedulerConfig:
     idle_timeout_s: float = 20.0
     retry_after_s: int = 5
     prefill_batch: int = 4  # calls prefilled together in one forward
+    inbound_wait_ticks: int = 2  # ticks a call waits for its caller frame before hearing silence
     allow_voice_paths: bool = True  # persona files are trusted configuration
     barge_in: BargeInConfig = field(default_factory=BargeInConfig)
     default_sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -300,32 +301,44 @@ class Scheduler:
                 sess.log.exception("deliver_failed")
                 self._end(sess, EndReason.FAILED)
 
-    def _gather_inbound(self) -> dict[int, np.ndarray]:
+    def _gather_inbound(self) -> tuple[dict[int, np.ndarray], set[int]]:
+        """Each live call's next caller frame. A call whose frame has not all arrived waits (is
+        not stepped this tick: the model follows the caller's clock, and its frame is consumed
+        at the next tick) for up to `inbound_wait_ticks`; past that the caller's stream counts as
+        paused and the model hears silence (counted as late), its agent talking on."""
         feed: dict[int, np.ndarray] = {}
+        waiting: set[int] = set()
         for slot, sess in list(self._calls.items()):
             if self.engine.phase(slot) is not Phase.LIVE:
                 continue
             try:
                 frame = sess.take_inbound()
+                if frame is None and sess.waited_ticks < self.config.inbound_wait_ticks:
+                    sess.waited_ticks += 1
+                    waiting.add(slot)
+                    continue
                 if frame is None:
                     frame = np.zeros(FRAME, dtype=np.float32)
                     sess.stats.late_inbound += 1
                     if sess.call_id not in self._uncounted:
                         self.metrics.late_inbound.inc()
+                else:
+                    sess.waited_ticks = 0
                 sess.stats.frames_in += 1
                 feed[slot] = frame
             except Exception:
                 sess.log.exception("inbound_failed")
                 self._end(sess, EndReason.FAILED)
-        return feed
+        return feed, waiting
 
-    def _catch_up(self, deadline: float) -> None:
-        """Extra steps for calls with a whole caller frame still waiting after this tick's step
-        (a late tick, or packets that arrived just after the tick): consume it now rather than
-        let it age into standing latency or be dropped."""
+    def _catch_up(self, deadline: float, fed: set[int]) -> None:
+        """Extra steps for calls that still have a whole caller frame waiting after this tick's
+        step consumed one (a late tick, a burst after a network stall): consume it now rather
+        than let it age into standing latency or be dropped. Only calls stepped this tick: a call
+        waiting for its frame to complete stays on the tick, in the main batch."""
         while True:
             rows = [slot for slot, sess in self._calls.items()
-                    if self.engine.phase(slot) is Phase.LIVE and sess.inbound_samples >= FRAME]
+                    if slot in fed and self.engine.phase(slot) is Phase.LIVE and sess.inbound_samples >= FRAME]
             if not rows:
                 return
             if self.config.realtime and time.monotonic() + self.step_est_s > deadline:
@@ -371,10 +384,12 @@ class Scheduler:
     def _tick(self, deadline: float) -> None:
         cfg = self.config
         run_pending(self._cmds)
+        fed: set[int] = set()
         if self.engine.busy():
-            feed = self._gather_inbound()
+            feed, waiting = self._gather_inbound()
+            fed = set(feed)
             t0 = time.monotonic()
-            results = self._step(feed)
+            results = self._step(feed, only=set(self.engine.generator.stepping_rows()) - waiting if waiting else None)
             dt = time.monotonic() - t0
             self.step_est_s = dt if self.steps == 0 else 0.8 * self.step_est_s + 0.2 * dt
             self.steps += 1
@@ -387,7 +402,7 @@ class Scheduler:
             self._deliver(results, time.monotonic(), feed)
         if self.starts.busy:
             self.starts.run(deadline, self._free_slots(), self._on_started, self._on_start_failed)
-        self._catch_up(deadline)
+        self._catch_up(deadline, fed)
         self._police(time.monotonic())
 
     def _loop(self) -> None:

@@ -46,7 +46,7 @@ class OutFrame:
 class CallStats:
     frames_in: int = 0  # caller frames the model consumed
     frames_out: int = 0
-    late_inbound: int = 0  # ticks where no whole caller frame had arrived (silence fed)
+    late_inbound: int = 0  # ticks the model heard silence: no caller frame for too long (stream paused)
     catch_up_steps: int = 0  # extra steps that consumed caller audio a late tick left waiting
     caller_dropped_samples: int = 0  # caller audio older than the latency bound, dropped
     caller_peak: float = 0.0  # loudest caller sample the model heard (is audio reaching us?)
@@ -109,6 +109,7 @@ class CallSession:
         self.slot: int | None = None
         self.live_frames = 0
         self.context_full = False  # reached the model's context (counted once)
+        self.waited_ticks = 0  # consecutive ticks this call waited for its caller frame
         self.last_activity = time.monotonic()
         self.log = structlog.get_logger("agent.call").bind(call_id=self.call_id, persona=persona.id,
                                                            number=number, endpoint=endpoint)

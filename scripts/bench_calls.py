@@ -178,6 +178,9 @@ def main() -> None:
     ap.add_argument("--no-old", action="store_true", help="skip the old (stepped prompt) path")
     ap.add_argument("--model-dir", help="PersonaPlex weights to run on CUDA instead of the demo model")
     args = ap.parse_args()
+    from agent.logging_setup import configure_logging
+
+    configure_logging("console", "warning")
     from agent.personas import load_persona_dir
     from agent.voices import STOCK_VOICES
 
