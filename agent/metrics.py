@@ -46,6 +46,17 @@ class Metrics:
         self.calls_at_context_limit = Counter("personaplex_calls_at_context_limit_total",
                                               "Calls that reached the model's context limit", registry=r)
         self.dtmf = Counter("personaplex_dtmf_total", "DTMF digits received", ["endpoint"], registry=r)
+        # farm dashboards (deploy/, README "Scaling out"): set from the scheduler at each scrape
+        self.slots_total = Gauge("personaplex_slots_total", "Call slots of this agent (engine.max_calls)", registry=r)
+        self.slots_busy = Gauge("personaplex_slots_busy", "Call slots taken by calls", registry=r)
+        self.draining = Gauge("personaplex_draining", "1 while the agent drains (takes no new calls)", registry=r)
+
+    def observe_slots(self, scheduler) -> None:
+        """Slots total/busy and the draining flag, as the scheduler has them now (called per scrape)."""
+        total = scheduler.config.max_calls
+        self.slots_total.set(total)
+        self.slots_busy.set(total - scheduler.capacity_left)
+        self.draining.set(1.0 if scheduler.draining else 0.0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

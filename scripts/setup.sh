@@ -14,7 +14,7 @@ STAMP_DIR=$VENV/.stamps
 log() { echo "[setup] $*" >&2; }
 
 # --- Debian packages (endpoints, test peers, test signals) -------------------------------
-DEB_PKGS=(sip-tester chromium firefox-esr espeak-ng sox libopus0 libsamplerate0 libsrtp2-1)
+DEB_PKGS=(sip-tester chromium firefox-esr espeak-ng sox libopus0 libsamplerate0 libsrtp2-1 kamailio haproxy)
 if [ "${SKIP_APT:-0}" != 1 ]; then
   missing=()
   for p in "${DEB_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -29,6 +29,8 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     rt = _rt(request)
     rt._sync_reload_errors()
+    if rt.scheduler is not None:
+        rt.metrics.observe_slots(rt.scheduler)
     from prometheus_client import CONTENT_TYPE_LATEST
 
     return web.Response(body=rt.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -20,6 +20,7 @@ import structlog
 from agent.commands import run_pending
 from agent.events import CallState
 from agent.scheduler import CallRefused
+from telephony.sip import options as sip_options
 from telephony.sip.call import SipCall
 from telephony.sip.sipmsg import allowed, dialled_user, source_ip
 
@@ -143,6 +144,7 @@ class SipEndpoint:
                 tc.tlsConfig.privKeyFile = str(c.tls_key_file or "")
             ep.transportCreate(kind, tc)
         ep.libStart()
+        sip_options.install(self.runtime)  # OPTIONS 503 while draining or full (proxy probes)
         self._set_codecs()
         ac = pj.AccountConfig()
         host = c.public_address or c.host
