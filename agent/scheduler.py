@@ -199,38 +199,50 @@ class Scheduler:
         return self._thread is not None and self._thread.is_alive()
 
     # -- calls (any thread) ---------------------------------------------------------------------
-    def place_call(self, persona: Persona, number: str, endpoint: str, seed: int | None = None,
-                   call_id: str | None = None, prompt: str | None = None) -> CallSession:
-        """Admit a call (or raise CallRefused at once) and start it: its first agent frame comes
-        a frame or two later, whatever its prompt (`prompt` overrides the persona's)."""
+    def admit(self, persona: Persona, number: str, endpoint: str, call_id: str | None = None,
+              caller: str | None = None) -> CallSession:
+        """Take a call slot for a call (or raise CallRefused at once). The call starts when
+        `start_call` gives it its prompt; until then it holds its slot, answering nothing."""
         if self.draining:
-            self.metrics.calls_total.labels(endpoint, "refused_draining").inc()
             raise CallRefused("the agent is shutting down", "draining", self.config.retry_after_s)
         if not self.running:
             raise CallRefused("the engine is not running", "unavailable", self.config.retry_after_s)
         with self._admit_lock:
             if self._admitted >= self.config.max_calls:
-                self.metrics.calls_total.labels(endpoint, "refused_busy").inc()
                 raise CallRefused(f"all {self.config.max_calls} call slots are busy", "busy",
                                   self.config.retry_after_s)
             self._admitted += 1
         cfg = self.config
         sess = CallSession(persona, number, endpoint, cfg.barge_in, cfg.outbound_depth, cfg.max_latency_ms,
-                           call_id=call_id, prompt=prompt)
+                           call_id=call_id, caller=caller)
         sess.placed_tick = self.ticks
         sess.on_hangup = lambda s, reason: self._cmds.put(lambda: self._end(s, reason))
         if self.vad is not None:
             vad = self.vad
             sess.on_audio_in = lambda s, pcm: vad.audio(s, pcm)
         self.ledger.started(sess)
+        return sess
+
+    def start_call(self, sess: CallSession, prompt: str | None = None, seed: int | None = None) -> None:
+        """Start an admitted call with this prompt (default: its persona's): its first agent
+        frame comes a frame or two later, whatever the prompt."""
+        if prompt is not None:
+            sess.prompt = prompt
         for hook in self.on_call_start:  # before any frame: a recorder sees the call whole
             try:
                 hook(sess)
             except Exception:
                 sess.log.exception("call_start_hook_failed")
         sess.log.info("call_start")
-        self.starts.submit(StartRequest(sess, persona.voice, sess.prompt, persona.sampling(cfg.default_sampling),
-                                        seed))
+        persona = sess.persona
+        self.starts.submit(StartRequest(sess, persona.voice, sess.prompt,
+                                        persona.sampling(self.config.default_sampling), seed))
+
+    def place_call(self, persona: Persona, number: str, endpoint: str, seed: int | None = None,
+                   call_id: str | None = None, prompt: str | None = None) -> CallSession:
+        """`admit` and `start_call` in one (tests, benchmarks)."""
+        sess = self.admit(persona, number, endpoint, call_id=call_id)
+        self.start_call(sess, prompt, seed)
         return sess
 
     def preload_voices(self, personas: list[Persona]) -> None:

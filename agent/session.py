@@ -91,12 +91,14 @@ class InboundAudio:
 class CallSession:
     def __init__(self, persona: Persona, number: str, endpoint: str, barge_in: BargeInConfig,
                  outbound_depth: int = 2, max_latency_ms: float = 400.0, call_id: str | None = None,
-                 prompt: str | None = None):
+                 prompt: str | None = None, caller: str | None = None):
         self.call_id = call_id or f"{endpoint}-{next(_ids)}-{uuid.uuid4().hex[:8]}"
         self.persona = persona
-        self.number = number
+        self.number = number  # what was dialled
+        self.caller = caller  # who calls, when the transport says (SIP From user, carrier From)
         self.endpoint = endpoint
         self.prompt = prompt if prompt is not None else persona.prompt  # what the model is told
+        self.variables: dict[str, str] = {}  # the per-call context the prompt was rendered with
         self.created = time.monotonic()
         self.answered_at: float | None = None
         self.placed_tick = 0  # engine tick at admission; answer latency in ticks is load-independent

@@ -31,16 +31,26 @@ class FrameResampler:
 
 
 class Capture:
-    """Caller audio from an endpoint into the session, resampled to 24 kHz."""
+    """Caller audio from an endpoint into the session, resampled to 24 kHz once, statefully:
+    float32 mono at the endpoint's rate (`push`), or decoded frames of any layout (`push_frame`)."""
 
-    def __init__(self, session: CallSession, in_rate: int):
+    def __init__(self, session: CallSession, in_rate: int | None):
         self.session = session
-        self.resample = Resampler(in_rate, SAMPLE_RATE)
+        self.resample = Resampler(in_rate, SAMPLE_RATE) if in_rate else None
+        self._frames: FrameResampler | None = None
 
     def push(self, pcm: np.ndarray) -> None:
-        out = self.resample(pcm)
-        if len(out):
-            self.session.push_audio(out)
+        assert self.resample is not None, "this capture takes decoded frames (push_frame)"
+        self._deliver(self.resample(pcm))
+
+    def push_frame(self, frame: av.AudioFrame) -> None:
+        if self._frames is None:
+            self._frames = FrameResampler()
+        self._deliver(self._frames(frame))
+
+    def _deliver(self, pcm: np.ndarray) -> None:
+        if len(pcm):
+            self.session.push_audio(pcm)
 
 
 class Playout:

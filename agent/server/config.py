@@ -121,6 +121,9 @@ class SipConfig(_Strict):
     rtp_port: int = Field(4000, ge=1024, le=65000)
     rtp_timeout_s: float = Field(15.0, gt=0)
     session_timer_s: int = Field(1800, ge=90)
+    # pjsip's own verbosity (0-6); its lines are logged as structured "pjsip" events: level 1
+    # errors, 2 warnings, 3 and up at debug
+    pjsip_log_level: int = Field(3, ge=0, le=6)
 
     @field_validator("allow_from")
     @classmethod

@@ -80,6 +80,7 @@ class Runtime:
         self.ready = Ready()
         self.registry: PersonaRegistry | None = None
         self.scheduler: Scheduler | None = None
+        self.admission = None  # telephony.admission.Admission, built with the scheduler
         self.endpoints: list = []
         self.app: web.Application | None = None
         self._runner: web.AppRunner | None = None
@@ -101,6 +102,9 @@ class Runtime:
     def build(self) -> None:
         model = self.load_model()
         self.scheduler = Scheduler(model, self.cfg.engine.to_scheduler_config(), self.metrics)
+        from telephony.admission import Admission
+
+        self.admission = Admission(self.scheduler, self.route, self.metrics, self.cfg.engine.retry_after_s)
         voices_dir = model.files.voices_dir
         self.registry = PersonaRegistry(self.cfg.personas.dir, available_voices(voices_dir),
                                         prompt_limit=make_prompt_limit(model.text_tokenizer, model.context, voices_dir),
@@ -124,10 +128,14 @@ class Runtime:
             self.metrics.persona_reload_errors.inc(new)
             self._reload_errors_seen = self.registry.reload_errors
 
-    def route(self, dialled: str) -> Persona | None:
-        """The persona for a dialled number / persona id, honouring the unknown-number policy."""
+    def route(self, dialled: str | None) -> Persona | None:
+        """The persona for a dialled number / persona id, honouring the unknown-number policy
+        (which also decides for calls that name no number at all)."""
         assert self.registry is not None
-        return self.registry.route(dialled, use_default=self.cfg.personas.unknown_numbers == "default")
+        use_default = self.cfg.personas.unknown_numbers == "default"
+        if not dialled:
+            return self.registry.default if use_default else None
+        return self.registry.route(dialled, use_default=use_default)
 
     # -- HTTP ----------------------------------------------------------------------------------------
     def build_app(self) -> web.Application:

@@ -1,28 +1,78 @@
-"""One SIP call: pjsua2 call callbacks, the audio port, and the bridge to the call session."""
+"""One SIP call: pjsua2 call callbacks and the audio port; the rest is the shared call leg.
+
+Everything here runs on the SIP thread (the only thread that touches pjsua2). Session events
+come from the engine and VAD threads through a hop that names the call by id, never by object:
+a pjsua2 object freed on a thread pjlib does not know aborts the process.
+"""
 
 from __future__ import annotations
 
 import time
+import weakref
 
 import numpy as np
 import pjsua2 as pj
 
-from agent.events import BargeIn, CallEvent, CallState, Ended, EndReason, Hold, StateChanged, TransferFailed
+from agent.events import EndReason, Hold, TransferFailed
 from agent.session import CallSession
-from telephony.audio import Capture, Playout
+from telephony.leg import CallLeg
 from telephony.sip.port import RATE, SAMPLES, CallAudioPort
 
+NAME = "sip"
 OUTBOUND_PACKETS = 1  # 20 ms of slack at the port: the SIP thread refills every few ms
+
+
+class SipLeg(CallLeg):
+    """The shared leg with SIP's answers: 200 OK when live, BYE (or a final answer) when the
+    agent ends the call, the port's queue dropped on barge-in, blind transfer by REFER.
+
+    It holds its call weakly: a call <-> leg reference cycle would leave the pjsua2 call to the
+    garbage collector, which may run on any thread (and a pjsua2 object freed off the SIP
+    thread aborts the process)."""
+
+    can_transfer = True
+
+    def __init__(self, call: "SipCall", session: CallSession):
+        self.endpoint_obj, self.call_id = call.endpoint, call.getId()
+        endpoint, call_id = self.endpoint_obj, self.call_id
+
+        def hop(ev) -> None:  # engine/VAD thread -> SIP thread, by call id
+            endpoint.post(lambda: endpoint.with_call(call_id, lambda c: c.leg.on_event(ev)))
+        super().__init__(session, endpoint=NAME, metrics=endpoint.runtime.metrics, in_rate=RATE, out_rate=RATE,
+                         out_packet=SAMPLES, hop=hop)
+        self._call = weakref.ref(call)
+
+    def _with_call(self, fn) -> None:
+        call = self._call()
+        if call is not None:
+            fn(call)
+
+    def on_live(self) -> None:
+        self._with_call(lambda c: c.answer_ok())
+
+    def flush_far_end(self) -> None:
+        def flush(c) -> None:
+            if c.port is not None:
+                c.port.generation = self.session.generation
+                c.port.outbound.clear()
+        self._with_call(flush)
+
+    def close(self, reason: EndReason) -> None:
+        self._with_call(lambda c: c.end_by_agent(reason))
+
+    def start_transfer(self, target: str) -> None:
+        # after the current callback returns, so the request that carried the digit (INFO) is
+        # answered before the REFER goes out
+        endpoint, call_id = self.endpoint_obj, self.call_id
+        endpoint.post(lambda: endpoint.with_call(call_id, lambda c: c.start_transfer(target)))
 
 
 class SipCall(pj.Call):
     def __init__(self, endpoint, account, call_id: int):
         super().__init__(account, call_id)
         self.endpoint = endpoint
-        self.session: CallSession | None = None
+        self.leg: SipLeg | None = None
         self.port: CallAudioPort | None = None
-        self.capture: Capture | None = None
-        self.playout: Playout | None = None
         self.answered = False
         self.confirmed = False
         self.disconnected = False
@@ -30,35 +80,15 @@ class SipCall(pj.Call):
         self.media_index: int | None = None
         self.last_rx_pkt = -1
         self.last_rx_change = time.monotonic()
-        self.transfer_pending = False
         self.refused = False
+        self._underruns_seen = 0
 
-    # -- set-up --------------------------------------------------------------------------------
+    @property
+    def session(self) -> CallSession | None:
+        return self.leg.session if self.leg is not None else None
+
     def attach(self, session: CallSession) -> None:
-        self.session = session
-        self.capture = Capture(session, RATE)
-        metrics = self.endpoint.runtime.metrics
-        self.playout = Playout(session, RATE, SAMPLES,
-                               on_underrun=lambda cause: metrics.playout_underruns.labels("sip", cause).inc())
-        # The listener runs on engine/VAD threads. It must not hold this object: a pjsua2 object
-        # freed on a thread pjlib does not know aborts the process. It posts work, by call id,
-        # to the SIP thread, the only thread that touches pjsua2.
-        endpoint, call_id = self.endpoint, self.getId()
-
-        def on_session_event(ev: CallEvent) -> None:
-            if isinstance(ev, (StateChanged, Ended, BargeIn)):
-                endpoint.post(lambda: endpoint.session_event(call_id, ev))
-        session.subscribe(on_session_event)
-
-    def on_session_event(self, ev: CallEvent) -> None:
-        """A session event, on the SIP thread."""
-        if isinstance(ev, StateChanged) and ev.state is CallState.LIVE:
-            self.answer_ok()
-        elif isinstance(ev, Ended):
-            self.end_by_agent(ev.reason)
-        elif isinstance(ev, BargeIn) and self.port is not None:
-            self.port.generation = ev.generation
-            self.port.outbound.clear()
+        self.leg = SipLeg(self, session)
 
     def answer_ok(self) -> None:
         if self.answered or self.disconnected:
@@ -87,16 +117,16 @@ class SipCall(pj.Call):
             self.confirmed = True
         elif ci.state == pj.PJSIP_INV_STATE_DISCONNECTED:
             self.disconnected = True
-            if self.session is not None:
+            if self.leg is not None:
                 self.session.log.info("sip_disconnected", status=ci.lastStatusCode, reason=ci.lastReason)
                 reason = EndReason.CALLER_HANGUP if self.confirmed else EndReason.CANCELLED
                 if self.confirmed and ci.lastStatusCode == 408:
                     # pjsip ended an established call itself: its session timer (RFC 4028)
                     # expired without a refresh (we send no other in-dialog requests that end it)
                     reason = EndReason.SESSION_EXPIRED
-                if self.transfer_pending:
+                if self.leg.transfer_pending:
                     reason = EndReason.TRANSFERRED
-                self.session.hangup(reason)
+                self.leg.hangup(reason)
             self.endpoint.forget(self)
 
     def onCallMediaState(self, prm) -> None:
@@ -124,25 +154,15 @@ class SipCall(pj.Call):
         self.last_rx_change = time.monotonic()
 
     def onDtmfDigit(self, prm) -> None:
-        digit = str(prm.digit)
-        self.endpoint.runtime.metrics.dtmf.labels("sip").inc()
-        if self.session is None:
-            return
-        self.session.dtmf(digit)
-        t = self.session.persona.transfer
-        if t is not None and digit == t.dtmf and not self.transfer_pending:
-            self.transfer_pending = True
-            # after this callback returns, so the request that carried the digit (INFO) is
-            # answered before the REFER goes out
-            call_id, endpoint = self.getId(), self.endpoint
-            endpoint.post(lambda: endpoint.with_call(call_id, lambda c: c.start_transfer(t.target)))
+        if self.leg is not None:
+            self.leg.dtmf_in(str(prm.digit))
 
     def start_transfer(self, target: str) -> None:
         self.session.log.info("sip_transfer", target=target)
         try:
             self.xfer(target, pj.CallOpParam(True))
         except pj.Error as exc:
-            self.transfer_pending = False
+            self.leg.transfer_pending = False
             self.session.log.warning("sip_transfer_failed", error=exc.info())
 
     def onCallTransferStatus(self, prm) -> None:
@@ -154,35 +174,36 @@ class SipCall(pj.Call):
             op = pj.CallOpParam()
             self.hangup(op)  # the person has the caller now; free the slot
         else:
-            self.transfer_pending = False
+            self.leg.transfer_pending = False
             self.session.log.warning("sip_transfer_rejected", status=prm.statusCode, reason=prm.reason)
             self.session.emit(TransferFailed(prm.statusCode))
 
     # -- SIP thread housekeeping ----------------------------------------------------------------
     def pump(self) -> None:
-        """Move audio between the port's byte queues and the session (resampling here)."""
-        port, sess = self.port, self.session
-        if port is None or sess is None or self.disconnected:
+        """Move audio between the port's byte queues and the leg (resampling happens there)."""
+        port, leg = self.port, self.leg
+        if port is None or leg is None or self.disconnected:
             return
         chunks = []
         while port.inbound:
             chunks.append(port.inbound.popleft())
         if chunks and not self.on_hold:
-            pcm = np.frombuffer(b"".join(chunks), dtype="<i2").astype(np.float32) / 32768.0
-            self.capture.push(pcm)
+            leg.audio_in(np.frombuffer(b"".join(chunks), dtype="<i2").astype(np.float32) / 32768.0)
         if not self.answered:
             return
+        sess = leg.session
         port.generation = sess.generation
         while len(port.outbound) < OUTBOUND_PACKETS:
-            pkt = self.playout.take_packet()
+            pkt = leg.playout.take_packet()
             if pkt is None:
                 break
             port.outbound.append((sess.generation, (np.clip(pkt, -1, 1) * 32767).astype("<i2").tobytes()))
-        # underruns happen on the bridge clock (the port plays silence); account for them here
-        n, port.underruns = port.underruns, 0
-        if sess.state is CallState.LIVE:
-            for _ in range(n):
-                self.playout.report_underrun()
+        # underruns happen on the bridge clock (the port plays silence); its counter only grows
+        # there, and is read here by difference (no read-and-reset across threads)
+        total = port.underruns
+        n, self._underruns_seen = total - self._underruns_seen, total
+        for _ in range(n):
+            leg.playout.report_underrun()
 
     def check_rtp(self, timeout_s: float) -> None:
         if self.media_index is None or self.on_hold or not self.confirmed or self.disconnected:
@@ -195,6 +216,6 @@ class SipCall(pj.Call):
         if pkts != self.last_rx_pkt:
             self.last_rx_pkt = pkts
             self.last_rx_change = now
-        elif now - self.last_rx_change > timeout_s and self.session is not None:
+        elif now - self.last_rx_change > timeout_s and self.leg is not None:
             self.session.log.warning("sip_rtp_timeout", seconds=timeout_s)
-            self.session.hangup(EndReason.RTP_TIMEOUT)
+            self.leg.hangup(EndReason.RTP_TIMEOUT)

@@ -2,9 +2,10 @@
 
 pjsua2 runs on one thread of ours (`threadCnt=0`, `mainThreadOnly`), which polls pjsip, pumps
 call audio and runs commands posted by other threads; nothing else touches pjsua2. Incoming
-INVITE: ACL by source address (403), route by Request-URI user (404 unless a default persona
-answers), capacity (486 or 503 with Retry-After), else 180 Ringing until the call's first
-agent frame is ready, then 200 OK.
+INVITE: ACL by source address (403), then the shared admission service (route by Request-URI
+user: 404 unless a default persona answers; capacity: `sip.busy_code` 486 or 503 with
+Retry-After; draining: 503), else 180 Ringing until the call's first agent frame is ready, then
+200 OK.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import structlog
 
 from agent.commands import run_pending
 from agent.events import CallState
-from agent.scheduler import CallRefused
+from telephony.admission import SIP_STATUS, CallRequest, Refusal, RefusalKind
 from telephony.sip import options as sip_options
+from telephony.sip import pjlog
 from telephony.sip.call import SipCall
-from telephony.sip.sipmsg import allowed, dialled_user, source_ip
+from telephony.sip.sipmsg import allowed, caller_user, dialled_user, source_ip
 
 log = structlog.get_logger(__name__)
 NAME = "sip"
@@ -34,17 +36,6 @@ def _quietly(fn) -> None:
         fn()
     except Exception as exc:
         log.debug("sip_teardown_step_failed", step=getattr(fn, "__name__", str(fn)), error=str(exc))
-
-
-class _LogWriter(pj.LogWriter):
-    def write(self, entry) -> None:
-        msg = entry.msg.rstrip()
-        if entry.level <= 1:
-            log.error("pjsip", msg=msg)
-        elif entry.level == 2:
-            log.warning("pjsip", msg=msg)
-        else:
-            log.debug("pjsip", msg=msg)
 
 
 class _Account(pj.Account):
@@ -102,9 +93,6 @@ class SipEndpoint:
         if call is not None and not call.disconnected:
             fn(call)
 
-    def session_event(self, call_id: int, ev) -> None:
-        self.with_call(call_id, lambda c: c.on_session_event(ev))
-
     def forget(self, call: SipCall) -> None:
         self.calls.pop(call.getId(), None)
         self._dead.append(call)  # deleted later, never inside its own callback
@@ -113,16 +101,17 @@ class SipEndpoint:
     def _init(self) -> None:
         c = self.cfg
         ep = self.ep = pj.Endpoint()
-        ep.libCreate()
+        with pjlog.captured():  # pjlib prints its start-up to stdout before our writer is set
+            ep.libCreate()
         epc = pj.EpConfig()
         epc.uaConfig.threadCnt = 0
         epc.uaConfig.mainThreadOnly = True
         epc.uaConfig.maxCalls = min(4 * self.runtime.cfg.engine.max_calls + 8, 256)
         epc.uaConfig.userAgent = "personaplex-agent"
-        self._logwriter = _LogWriter()
+        self._logwriter = pjlog.LogWriter()
         epc.logConfig.writer = self._logwriter
-        epc.logConfig.level = 3
-        epc.logConfig.consoleLevel = 3
+        epc.logConfig.level = c.pjsip_log_level
+        epc.logConfig.consoleLevel = c.pjsip_log_level
         epc.logConfig.decor = 0
         epc.medConfig.clockRate = 16000
         epc.medConfig.sndClockRate = 16000
@@ -236,14 +225,17 @@ class SipEndpoint:
             self.ep = None
 
     # -- incoming calls (SIP thread) ----------------------------------------------------------
-    def _refuse(self, call: SipCall, code: int, reason: str, retry_after: int | None = None) -> None:
+    def _refuse(self, call: SipCall, refusal: Refusal) -> None:
+        code, reason = SIP_STATUS[refusal.kind]
+        if refusal.kind is RefusalKind.BUSY and self.cfg.busy_code != code:
+            code, reason = self.cfg.busy_code, "Service Unavailable"
         op = pj.CallOpParam()
         op.statusCode = code
         op.reason = reason
-        if retry_after:
+        if refusal.retry_after:
             h = pj.SipHeader()
             h.hName = "Retry-After"
-            h.hValue = str(retry_after)
+            h.hValue = str(refusal.retry_after)
             op.txOption.headers.append(h)
         call.refused = True
         call.answer(op)
@@ -255,34 +247,22 @@ class SipEndpoint:
         msg = prm.rdata.wholeMsg
         src = source_ip(prm.rdata.srcAddress)
         number = dialled_user(msg) or ""
-        blog = log.bind(number=number, source=src, endpoint=NAME)
         if not allowed(src, self.cfg.allow_from):
-            blog.warning("sip_refused_acl")
-            rt.metrics.calls_total.labels(NAME, "refused_acl").inc()
-            return self._refuse(call, 403, "Forbidden")
-        if rt.draining:
-            rt.metrics.calls_total.labels(NAME, "refused_draining").inc()
-            return self._refuse(call, 503, "Service Unavailable", rt.cfg.engine.retry_after_s)
-        persona = rt.route(number) if number else None
-        if persona is None:
-            blog.info("sip_refused_not_found")
-            rt.metrics.calls_total.labels(NAME, "not_found").inc()
-            return self._refuse(call, 404, "Not Found")
+            return self._refuse(call, rt.admission.refuse(NAME, RefusalKind.FORBIDDEN,
+                                                          f"source {src} is not in sip.allow_from"))
         try:
-            session = rt.scheduler.place_call(persona, number, NAME)
-        except CallRefused as exc:
-            blog.info("sip_refused", code=exc.code, reason=exc.reason)
-            if exc.code == "busy":
-                code = self.cfg.busy_code
-                return self._refuse(call, code, "Busy Here" if code == 486 else "Service Unavailable",
-                                    exc.retry_after)
-            return self._refuse(call, 503, "Service Unavailable", exc.retry_after)
+            admitted = rt.admission.admit(CallRequest(NAME, number or None, caller=caller_user(msg)))
         except Exception:
-            blog.exception("sip_call_setup_failed")
-            return self._refuse(call, 500, "Server Internal Error")
-        call.attach(session)
+            log.exception("sip_call_setup_failed", number=number, source=src)
+            op = pj.CallOpParam()
+            op.statusCode = 500
+            call.refused = True
+            return call.answer(op)
+        if isinstance(admitted, Refusal):
+            return self._refuse(call, admitted)
+        call.attach(admitted)
         op = pj.CallOpParam()
         op.statusCode = 180
         call.answer(op)
-        if session.state is CallState.LIVE:  # the first frame was ready before we rang
+        if admitted.state is CallState.LIVE:  # the first frame was ready before we rang
             call.answer_ok()

@@ -24,7 +24,7 @@ class CallAudioPort(pj.AudioMediaPort):
         self.inbound: collections.deque[bytes] = collections.deque(maxlen=50)  # 1 s: bounded
         self.outbound: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=10)
         self.generation = 0  # updated by the SIP thread on barge-in
-        self.underruns = 0
+        self.underruns = 0  # only ever grows, on the clock thread; the SIP thread reads differences
         self._silence = pj.ByteVector(SILENCE)
 
     def create(self, name: str) -> None:

@@ -1,4 +1,4 @@
-"""Reading what pjsua2 hands us of an incoming INVITE: dialled number and source address."""
+"""Reading what pjsua2 hands us of an incoming INVITE: dialled and calling numbers, source address."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import re
 
 _REQ_LINE = re.compile(r"^INVITE\s+(\S+)\s+SIP/2\.0", re.IGNORECASE)
 _TO = re.compile(r"^(?:To|t)\s*:\s*(.+)$", re.IGNORECASE | re.MULTILINE)
+_FROM = re.compile(r"^(?:From|f)\s*:\s*(.+)$", re.IGNORECASE | re.MULTILINE)
 _URI_USER = re.compile(r"(?:sips?:([^@;>\s]+)@|tel:([^;>\s]+))", re.IGNORECASE)
 
 
@@ -21,6 +22,16 @@ def dialled_user(whole_msg: str) -> str | None:
     t = _TO.search(whole_msg)
     if t:
         u = _URI_USER.search(t.group(1))
+        if u:
+            return u.group(1) or u.group(2)
+    return None
+
+
+def caller_user(whole_msg: str) -> str | None:
+    """The From header's user part (the caller's number), if it has one."""
+    f = _FROM.search(whole_msg)
+    if f:
+        u = _URI_USER.search(f.group(1))
         if u:
             return u.group(1) or u.group(2)
     return None

@@ -200,7 +200,7 @@ def test_unknown_persona_and_bad_offer(tmp_path, demo_dir):
         status, body = http_json(srv.url + "/readyz")
         assert status == 200 and body["capacity_left"] == body["max_calls"]
         assert http_json(srv.url + "/healthz") == (200, {"status": "ok"})
-        assert 'personaplex_calls_total{endpoint="webrtc",outcome="not_found"} 1.0' in http_text(srv.url + "/metrics")
+        assert 'personaplex_calls_total{endpoint="webrtc",outcome="refused_not_found"} 1.0' in http_text(srv.url + "/metrics")
     finally:
         srv.stop()
 

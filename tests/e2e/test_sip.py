@@ -333,7 +333,7 @@ def test_invite_from_outside_the_acl_gets_403(tmp_path, demo_dir):
         rc, msgs = sipp(srv, SCENARIOS / "uac_expect.xml", "1001", tmp_path,
                         {"@CODE@": "403", "@HEADER@": "-", "@HEADER_RE@": "SIP/2.0 403"})
         assert rc == 0, msgs[-3000:]
-        assert 'outcome="refused_acl"' in http_text(srv.url + "/metrics")
+        assert 'outcome="refused_forbidden"' in http_text(srv.url + "/metrics")
     finally:
         assert srv.stop() == 0
 
