@@ -97,6 +97,38 @@ class WebRtcConfig(_Strict):
     connect_timeout_s: float = Field(20.0, gt=0)
 
 
+class TwilioConfig(_Strict):
+    """Twilio Media Streams: point a number's voice webhook at POST /twilio/voice."""
+
+    enabled: bool = False
+    # environment variable holding the account's auth token; when it is set, every webhook and
+    # stream request must carry a valid X-Twilio-Signature (403 otherwise)
+    auth_token_env: str = "TWILIO_AUTH_TOKEN"
+    # the base URL Twilio calls (https://agent.example.com): what it signs, and where the stream
+    # URL points; default: the request's own URL (right when nothing rewrites it on the way)
+    public_url: str | None = None
+    parameters: dict[str, str] = {}  # extra <Parameter>s on every stream (e.g. persona: citysan)
+    idle_timeout_s: float = Field(10.0, gt=0)
+
+    @field_validator("public_url")
+    @classmethod
+    def _base(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("https://", "http://")):
+            raise ValueError("must be an absolute http(s):// base URL")
+        return v.rstrip("/") if v else v
+
+
+class TelnyxConfig(_Strict):
+    """Telnyx media streaming: stream_url wss://HOST/telnyx/media in call control or TeXML."""
+
+    enabled: bool = False
+    idle_timeout_s: float = Field(10.0, gt=0)
+    l16_byteorder: Literal["big", "little"] = "big"  # RTP's L16 is network order
+    # the bidirectional codec when it differs from the stream's media_format (None: the same)
+    outbound_encoding: Literal["mulaw", "l16"] | None = None
+    outbound_rate: int = Field(8000, ge=8000, le=48000)
+
+
 class SipRegistration(_Strict):
     registrar: str  # sip:pbx.example.com
     user: str
@@ -153,6 +185,8 @@ class ServerConfig(_Strict):
     http: HttpConfig = HttpConfig()
     webrtc: WebRtcConfig = WebRtcConfig()
     sip: SipConfig = SipConfig()
+    twilio: TwilioConfig = TwilioConfig()
+    telnyx: TelnyxConfig = TelnyxConfig()
     logging: LoggingConfig = LoggingConfig()
     recording: RecordingConfig = RecordingConfig()
     drain_timeout_s: float = Field(30.0, ge=0)

@@ -150,6 +150,15 @@ class Runtime:
             ep = WebRtcEndpoint(self)
             ep.add_routes(app)
             self.endpoints.append(ep)
+        if self.cfg.twilio.enabled or self.cfg.telnyx.enabled:
+            from telephony.carriers import TelnyxEndpoint, TwilioEndpoint
+
+            for enabled, cls, section in ((self.cfg.twilio.enabled, TwilioEndpoint, self.cfg.twilio),
+                                          (self.cfg.telnyx.enabled, TelnyxEndpoint, self.cfg.telnyx)):
+                if enabled:
+                    carrier = cls(section, self.admission, self.metrics)
+                    carrier.add_routes(app)
+                    self.endpoints.append(carrier)
         self.app = app
         return app
 

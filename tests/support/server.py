@@ -34,7 +34,7 @@ def http_text(url: str) -> str:
 
 
 class ServerProcess:
-    def __init__(self, tmp: Path, cache: Path, overrides: dict | None = None):
+    def __init__(self, tmp: Path, cache: Path, overrides: dict | None = None, env: dict[str, str] | None = None):
         self.port = free_port()
         self.sip_port = free_port(socket.SOCK_DGRAM)
         cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
@@ -55,7 +55,8 @@ class ServerProcess:
         self.config.write_text(yaml.safe_dump(cfg))
         self.log_path = tmp / "server.log"
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, PERSONAPLEX_CACHE=str(cache), NO_TORCH_COMPILE="1")
+        self.ws_url = f"ws://127.0.0.1:{self.port}"
+        env = dict(os.environ, PERSONAPLEX_CACHE=str(cache), NO_TORCH_COMPILE="1", **(env or {}))
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "agent", "serve", "--config", str(self.config)],
                                      cwd=tmp, env=env, stdout=self.log, stderr=subprocess.STDOUT)
