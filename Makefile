@@ -7,7 +7,8 @@ setup:
 run: setup
 	.venv/bin/personaplex-agent serve --config configs/demo.yaml
 
-test: setup
+test:
+	scripts/setup.sh --test
 	scripts/run_tests.sh
 
 bench: setup

@@ -46,6 +46,12 @@ class Metrics:
         self.calls_at_context_limit = Counter("personaplex_calls_at_context_limit_total",
                                               "Calls that reached the model's context limit", registry=r)
         self.dtmf = Counter("personaplex_dtmf_total", "DTMF digits received", ["endpoint"], registry=r)
+        self.context_lookups = Counter("personaplex_context_lookups_total",
+                                       "CRM context lookups by outcome (ok, timeout, error, invalid, too_large)",
+                                       ["outcome"], registry=r)
+        self.prompt_items_dropped = Counter("personaplex_prompt_items_dropped_total",
+                                            "Information items cut from a per-call prompt to fit the model's "
+                                            "context", registry=r)
         # farm dashboards (deploy/, README "Scaling out"): set from the scheduler at each scrape
         self.slots_total = Gauge("personaplex_slots_total", "Call slots of this agent (engine.max_calls)", registry=r)
         self.slots_busy = Gauge("personaplex_slots_busy", "Call slots taken by calls", registry=r)

@@ -63,7 +63,7 @@ def build_schedule(voice: VoicePrompt, text_tokens: list[int],
     call: per-call prompts make each schedule new)."""
     # Reference: with embeddings, step 0 is a no-op and steps 1..E replay them; their forced
     # tokens are overwritten by restoring the recorded cache, so placeholders (silence) do.
-    n_voice = voice.steps + 1 if voice.embeddings is not None else voice.steps
+    n_voice = voice.prompt_steps
     text_at = n_voice + silence_frames
     steps = text_at + len(text_tokens) + silence_frames
     items = torch.empty(steps, NUM_STREAMS, dtype=torch.long)

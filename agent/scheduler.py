@@ -17,6 +17,7 @@ runs on its own thread for all calls as one batch (`agent.vad`); end-of-call acc
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
@@ -91,7 +92,8 @@ class Scheduler:
         self.engine = Engine(model, cfg.max_calls, cfg.default_sampling)
         self._wake = threading.Event()  # a start was prepared: prefill it before the next tick
         self.starts = StartLane(self.engine, cfg.prefill_batch, cfg.allow_voice_paths,
-                                on_prefill=self.metrics.prefill_seconds.observe, on_prepared=self._wake.set)
+                                on_prefill=self.metrics.prefill_seconds.observe, on_prepared=self._wake.set,
+                                on_prompt_cut=lambda sess, n: self.metrics.prompt_items_dropped.inc(n))
         self.policy = CallPolicy(PolicyConfig(model.context, cfg.context_policy, cfg.max_call_seconds,
                                               cfg.idle_timeout_s),
                                  on_context_limit=lambda s: self.metrics.calls_at_context_limit.inc())
@@ -223,9 +225,11 @@ class Scheduler:
         self.ledger.started(sess)
         return sess
 
-    def start_call(self, sess: CallSession, prompt: str | None = None, seed: int | None = None) -> None:
-        """Start an admitted call with this prompt (default: its persona's): its first agent
-        frame comes a frame or two later, whatever the prompt."""
+    def start_call(self, sess: CallSession, prompt: str | None = None, seed: int | None = None,
+                   variables: dict[str, str] | None = None) -> None:
+        """Start an admitted call: with `prompt` as given, or its persona rendered with the call's
+        `variables` (on the preparation thread). Its first agent frame comes a frame or two
+        later, whatever the prompt."""
         if prompt is not None:
             sess.prompt = prompt
         for hook in self.on_call_start:  # before any frame: a recorder sees the call whole
@@ -233,10 +237,10 @@ class Scheduler:
                 hook(sess)
             except Exception:
                 sess.log.exception("call_start_hook_failed")
-        sess.log.info("call_start")
         persona = sess.persona
-        self.starts.submit(StartRequest(sess, persona.voice, sess.prompt,
-                                        persona.sampling(self.config.default_sampling), seed))
+        sampling = persona.sampling(self.config.default_sampling)
+        sess.log.info("call_start", voice=persona.voice, sampling=dataclasses.asdict(sampling))
+        self.starts.submit(StartRequest(sess, persona.voice, prompt, sampling, seed, variables))
 
     def place_call(self, persona: Persona, number: str, endpoint: str, seed: int | None = None,
                    call_id: str | None = None, prompt: str | None = None) -> CallSession:

@@ -26,7 +26,9 @@ import structlog
 from agent.engine import Engine
 from agent.events import CallState, EndReason
 from agent.generator import Phase
+from agent.personas.tools import fit_to_budget, prompt_budget
 from agent.prefill import PrefillRun, StartPlan
+from agent.prompt import tokenize_prompt
 from agent.sampling import SamplingParams
 from agent.session import CallSession
 
@@ -37,9 +39,10 @@ log = structlog.get_logger(__name__)
 class StartRequest:
     session: CallSession
     voice: str
-    prompt: str
+    prompt: str | None  # None: the persona rendered with `variables` (fitted to the token budget)
     sampling: SamplingParams
     seed: int | None
+    variables: dict[str, str] | None = None
 
 
 @dataclass
@@ -59,13 +62,15 @@ class StartLane:
 
     def __init__(self, engine: Engine, max_batch: int, allow_voice_paths: bool,
                  min_chunk: int = 16, on_prefill: Callable[[float], None] | None = None,
-                 on_prepared: Callable[[], None] | None = None):
+                 on_prepared: Callable[[], None] | None = None,
+                 on_prompt_cut: Callable[[CallSession, int], None] | None = None):
         self.engine = engine
         self.max_batch = max(1, max_batch)
         self.allow_voice_paths = allow_voice_paths
         self.min_chunk = min_chunk
         self.on_prefill = on_prefill  # (seconds from a prefill's start to its rows installed)
         self.on_prepared = on_prepared  # a start is ready for its prefill (wakes the engine thread)
+        self.on_prompt_cut = on_prompt_cut  # (call, items dropped to fit the context)
         self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
         self._done: queue.SimpleQueue[_Prepared | _Failed] = queue.SimpleQueue()
         self._waiting: list[_Prepared] = []
@@ -103,9 +108,25 @@ class StartLane:
         except Exception:
             return False
 
+    def _render(self, req: StartRequest) -> str:
+        """The call's prompt: its persona with the call's variables, fitted to the token budget
+        left after its voice."""
+        voice = self.engine.voice(req.voice, self.allow_voice_paths)
+        model = self.engine.model
+        budget = prompt_budget(model.context, voice.prompt_steps)
+        rendered = fit_to_budget(req.session.persona, req.variables or {},
+                                 lambda text: len(tokenize_prompt(model.text_tokenizer, text)), budget)
+        if rendered.items_cut:
+            req.session.log.warning("prompt_items_dropped", items=rendered.items_cut, budget_tokens=budget)
+            if self.on_prompt_cut is not None:
+                self.on_prompt_cut(req.session, rendered.items_cut)
+        return rendered.text
+
     def _prepare(self, req: StartRequest) -> None:
         try:
-            schedule = self.engine.schedule(req.voice, req.prompt, allow_voice_paths=self.allow_voice_paths)
+            if req.prompt is None:
+                req.session.prompt = self._render(req)
+            schedule = self.engine.schedule(req.voice, req.session.prompt, allow_voice_paths=self.allow_voice_paths)
             self._done.put(_Prepared(req.session, self.engine.prepare(schedule, req.sampling, req.seed)))
         except Exception as exc:
             self._done.put(_Failed(req.session, exc))

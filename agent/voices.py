@@ -41,6 +41,12 @@ class VoicePrompt:
         assert self.codes is not None
         return int(self.codes.shape[0])
 
+    @property
+    def prompt_steps(self) -> int:
+        """Model steps the voice takes in the prompt phase (the reference spends one more step
+        before replaying embeddings)."""
+        return self.steps + 1 if self.embeddings is not None else self.steps
+
 
 def available_voices(voices_dir: Path | None) -> list[str]:
     names = set()

@@ -12,6 +12,12 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 MOSHI_SPEC=${MOSHI_SPEC:-moshi==0.2.13}
 STAMP_DIR=$VENV/.stamps
 log() { echo "[setup] $*" >&2; }
+die() { echo "[setup] ERROR: $*" >&2; exit 1; }
+# --test (make test): everything the tests use must be there, or set-up fails saying what is
+# missing; a test never skips for a missing component. Without it (make run), the server starts
+# with what it has (SIP off without pjsua2) and says so.
+FOR_TESTS=0
+[ "${1:-}" = "--test" ] && FOR_TESTS=1
 
 # --- Debian packages (endpoints, test peers, test signals) -------------------------------
 DEB_PKGS=(sip-tester chromium firefox-esr espeak-ng sox libopus0 libsamplerate0 libsrtp2-1 kamailio haproxy)
@@ -24,9 +30,16 @@ if [ "${SKIP_APT:-0}" != 1 ]; then
       log "installing Debian packages: ${missing[*]}"
       $SUDO apt-get update -qq
       DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    elif [ "$FOR_TESTS" = 1 ]; then
+      die "missing Debian packages (${missing[*]}) and no root or sudo to install them: the tests need them"
     else
-      log "WARNING: missing Debian packages (${missing[*]}) and no root: tests that need them will skip"
+      log "WARNING: missing Debian packages (${missing[*]}) and no root: SIP test peers/browsers unavailable"
     fi
+  fi
+  # Debian starts Kamailio's own service on install (listening on *:5060, where `make run`'s SIP
+  # endpoint goes): we only run it from the tests and deploy/, never as the system's service.
+  if command -v systemctl >/dev/null && systemctl is-enabled kamailio >/dev/null 2>&1; then
+    ${SUDO:-} systemctl disable --now kamailio >/dev/null 2>&1 || log "WARNING: could not stop the kamailio service"
   fi
 fi
 
@@ -60,6 +73,9 @@ fi
 
 # --- pjsua2 (SIP endpoint): built from Debian's pjproject source, cached -------------------
 if [ "${SKIP_PJSUA2:-0}" != 1 ] && [ -x scripts/build_pjsua2.sh ]; then
-  scripts/build_pjsua2.sh "$VENV" || log "WARNING: pjsua2 build failed; SIP endpoint and its tests are unavailable"
+  if ! scripts/build_pjsua2.sh "$VENV"; then
+    [ "$FOR_TESTS" = 1 ] && die "the pjsua2 build failed (scripts/build_pjsua2.sh): the SIP tests need it"
+    log "WARNING: pjsua2 build failed; the server runs without its SIP endpoint"
+  fi
 fi
 log "ready: $VENV"

@@ -50,6 +50,7 @@ class CallRequest:
     caller: str | None = None
     call_id: str | None = None
     variables: dict[str, str] = field(default_factory=dict)  # per-call context the transport carries
+    persona: Persona | None = None  # a persona given outright (the playground): no routing
 
 
 #: SIP final responses per refusal; BUSY follows `sip.busy_code` (486 or 503).
@@ -82,12 +83,13 @@ class Admission:
         log.info("call_refused", endpoint=endpoint, refusal=kind.value, reason=reason)
         return Refusal(kind, reason, retry_after)
 
-    def check(self, endpoint: str, dialled: str | None) -> Persona | Refusal:
-        """Would a call to `dialled` be taken now? (No slot is held; nothing is counted unless
-        refused.) For transports that must answer before the call arrives (Twilio's webhook)."""
+    def check(self, endpoint: str, dialled: str | None, persona: Persona | None = None) -> Persona | Refusal:
+        """Would a call to `dialled` (or with this `persona`) be taken now? (No slot is held;
+        nothing is counted unless refused.) For transports that must answer before the call
+        arrives (Twilio's webhook)."""
         if self.scheduler.draining:
             return self.refuse(endpoint, RefusalKind.DRAINING, "the agent is shutting down", self.retry_after_s)
-        persona = self.route(dialled)
+        persona = persona or self.route(dialled)
         if persona is None:
             return self.refuse(endpoint, RefusalKind.NOT_FOUND, f"no persona answers {dialled!r}")
         if self.scheduler.capacity_left <= 0:
@@ -95,7 +97,7 @@ class Admission:
         return persona
 
     def admit(self, req: CallRequest) -> CallSession | Refusal:
-        checked = self.check(req.endpoint, req.dialled)
+        checked = self.check(req.endpoint, req.dialled, req.persona)
         if isinstance(checked, Refusal):
             return checked
         try:

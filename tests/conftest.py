@@ -36,6 +36,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     if not (GOLDEN / "golden.json").exists():
+        if os.environ.get("PERSONAPLEX_REQUIRE_GOLDEN"):  # CI: the one allowed skip is not allowed
+            pytest.fail(f"PERSONAPLEX_REQUIRE_GOLDEN is set but {GOLDEN} is missing", pytrace=False)
         pytest.skip(GOLDEN_SKIP)
     return GOLDEN
 

@@ -81,7 +81,8 @@ def cmd_check(args) -> int:
     for r in rows:
         out.write("  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip() + "\n")
     if tok is None:
-        out.write("note: prompt lengths not checked (no tokenizer found; pass --model-dir)\n")
+        out.write("note: prompt lengths NOT checked: no tokenizer found (pass --model-dir, or have the "
+                  "PersonaPlex weights in the Hugging Face cache)\n")
     if reg.issues:
         sys.stderr.write(f"{len(reg.issues)} problem(s):\n")
         for issue in reg.issues:
@@ -91,7 +92,20 @@ def cmd_check(args) -> int:
     return 0
 
 
+def _vars(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --var {pair!r}: write NAME=VALUE")
+        out[name.strip()] = value
+    return out
+
+
 def cmd_show(args) -> int:
+    from agent.context import builtin_variables, clean_variables
+    from agent.prompt import wrap_system_prompt
+
     reg, tok = _registry(args)
     p = reg.route(args.number)
     if p is None:
@@ -99,13 +113,23 @@ def cmd_show(args) -> int:
         return 1
     routed = "default persona" if p.default and args.number not in p.numbers else "matched"
     sys.stdout.write(f"number:  {args.number}\npersona: {p.id} ({routed}, {p.source})\nvoice:   {p.voice}\n")
+    given = _vars(args.var)
+    values = {**builtin_variables(args.number, None), **clean_variables(given)}
+    unknown = sorted(set(given) - set(p.variables) - {"caller_number", "dialled_number"})
+    if unknown:
+        sys.stderr.write(f"note: {p.id} uses no variable named {', '.join(unknown)}\n")
+    rendered = p.render(values)
+    if p.variables:
+        shown = ", ".join(f"{k}={values.get(k) or p.variables[k] or '(unknown)'}" for k in sorted(p.variables))
+        sys.stdout.write(f"variables: {shown}\n")
+    if rendered.items_left_out:
+        sys.stdout.write(f"left out: {rendered.items_left_out} item(s) whose variables are all unknown\n")
     if tok is not None:
-        sys.stdout.write(f"tokens:  {len(tokenize_prompt(tok, p.prompt))}\n")
+        sys.stdout.write(f"tokens:  {len(tokenize_prompt(tok, rendered.text))}\n")
     else:
         sys.stdout.write("tokens:  (no tokenizer found; pass --model-dir)\n")
-    from agent.prompt import wrap_system_prompt
-
-    sys.stdout.write(f"prompt:\n{p.prompt}\nmodel input (one token per frame):\n{wrap_system_prompt(p.prompt)}\n")
+    sys.stdout.write(f"prompt:\n{rendered.text}\nmodel input (one token per frame):\n"
+                     f"{wrap_system_prompt(rendered.text)}\n")
     return 0
 
 
@@ -137,6 +161,8 @@ def register(sub) -> None:
     c.set_defaults(func=cmd_check)
     s = psub.add_parser("show", help="which persona answers NUMBER and the exact prompt it gets")
     s.add_argument("number")
+    s.add_argument("--var", action="append", default=[], metavar="NAME=VALUE",
+                   help="a per-call variable, as a caller, the CRM or a carrier would give it (repeatable)")
     s.add_argument("--dir", default=str(DEFAULT_DIR))
     common(s)
     s.set_defaults(func=cmd_show)

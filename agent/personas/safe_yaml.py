@@ -26,10 +26,13 @@ class YamlRejected(ValueError):
 
 @dataclass
 class Located:
-    """A mapping value with where it was written (1-based line)."""
+    """A mapping value with where it was written (1-based line); for a list, each item's line,
+    for a mapping, each key's line (so an error can point at the item it is about)."""
 
     value: Any
     line: int
+    item_lines: tuple[int, ...] = ()
+    key_lines: dict[str, int] | None = None
 
 
 def _check_events(text: str) -> None:
@@ -93,5 +96,9 @@ def load_located(data: bytes) -> tuple[dict[str, Located], int]:
             value = _to_python(value_node)
         except yaml.YAMLError as exc:
             raise YamlRejected(f"field '{key}': {exc}", line) from None
-        out[key] = Located(value, value_node.start_mark.line + 1 if value_node is not None else line)
+        items = tuple(n.start_mark.line + 1 for n in value_node.value) \
+            if isinstance(value_node, yaml.SequenceNode) else ()
+        keys = {str(k.value): k.start_mark.line + 1 for k, _ in value_node.value if isinstance(k, yaml.ScalarNode)} \
+            if isinstance(value_node, yaml.MappingNode) else None
+        out[key] = Located(value, value_node.start_mark.line + 1 if value_node is not None else line, items, keys)
     return out, root.start_mark.line + 1

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from agent.personas import templates as templating
 from agent.personas.numbers import normalize_number
 from agent.personas.safe_yaml import Located
 from agent.sampling import SamplingParams
 
 KINDS = ("service", "assistant", "casual", "prompt")
-COMMON_FIELDS = {"id", "kind", "numbers", "voice", "sampling", "transfer", "default", "description"}
+COMMON_FIELDS = {"id", "kind", "numbers", "voice", "sampling", "transfer", "default", "description", "variables"}
+LIST_FIELDS = ("information", "background")  # per-call: an item whose placeholders are all unknown is left out
 KIND_FIELDS = {
     "service": {"company", "business", "agent_name", "information"},
     "assistant": {"role", "instructions"},
@@ -36,7 +38,8 @@ REQUIRED = {
 }
 SAMPLING_FIELDS = {"temp_audio": float, "temp_text": float, "topk_audio": int, "topk_text": int, "greedy": bool}
 TRANSFER_FIELDS = {"target", "dtmf"}
-_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_ID = ID_RE
 _DTMF = re.compile(r"^[0-9*#A-D]$")
 CASUAL_OPENING = "You enjoy having a good conversation."
 
@@ -68,12 +71,19 @@ class Transfer:
 
 
 @dataclass(frozen=True)
+class RenderedPrompt:
+    text: str
+    items_left_out: int  # information/background items whose placeholders were all unknown
+    items_cut: int  # items dropped from the end to fit a token budget
+
+
+@dataclass(frozen=True)
 class Persona:
     id: str
     kind: str
     numbers: tuple[str, ...]
     voice: str
-    prompt: str
+    prompt: str  # rendered with the variables' defaults (what an unknown caller gets)
     source: str  # file path
     company: str | None = None
     agent_name: str | None = None
@@ -81,9 +91,42 @@ class Persona:
     transfer: Transfer | None = None
     default: bool = False
     description: str | None = None
+    variables: dict = field(default_factory=dict, hash=False, compare=True)  # name -> default ("" = unknown)
+    # the kind's text fields as templates (a tuple for list fields); None: no placeholders anywhere
+    templates: dict | None = field(default=None, hash=False, compare=False, repr=False)
 
     def sampling(self, base: SamplingParams) -> SamplingParams:
         return base.replace(**self.sampling_overrides)
+
+    def render(self, values: dict[str, str] | None = None, max_items: int | None = None) -> RenderedPrompt:
+        """The prompt for one call: placeholders filled from `values` over the defaults; list
+        items whose placeholders are all unknown left out; at most `max_items` list items kept
+        (the last ones go first when a prompt must fit a token budget)."""
+        if self.templates is None:
+            return RenderedPrompt(self.prompt, 0, 0)
+        vals = {**self.variables, **{k: v for k, v in (values or {}).items() if v}}
+        fields: dict[str, Any] = {}
+        left_out = cut = 0
+        for name, tpl in self.templates.items():
+            if tpl is None:
+                fields[name] = None
+            elif isinstance(tpl, tuple):
+                items = [t.render(vals) for t in tpl if not t.all_unknown(vals)]
+                left_out += len(tpl) - len(items)
+                if max_items is not None and len(items) > max_items:
+                    cut += len(items) - max_items
+                    items = items[:max_items]
+                fields[name] = items
+            else:
+                fields[name] = tpl.render(vals)
+        return RenderedPrompt(render_prompt(self.kind, fields), left_out, cut)
+
+    @property
+    def list_items(self) -> int:
+        """How many list items (information/background) the persona has."""
+        if self.templates is None:
+            return 0
+        return sum(len(t) for t in self.templates.values() if isinstance(t, tuple))
 
 
 def _sentence(text: str) -> str:
@@ -91,15 +134,20 @@ def _sentence(text: str) -> str:
     return t if not t or t[-1] in ".!?" else t + "."
 
 
+def _words(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def render_prompt(kind: str, f: dict[str, Any]) -> str:
     if kind == "prompt":
         return " ".join(str(f["prompt"]).split())
     if kind == "service":
-        facts = " ".join(_sentence(x) for x in f["information"])
-        return (f"You work for {f['company'].strip()} which is a {f['business'].strip()} and your name is "
-                f"{f['agent_name'].strip()}. Information: {facts}")
+        facts = " ".join(_sentence(x) for x in f["information"] if str(x).strip())
+        text = (f"You work for {_words(f['company'])} which is a {_words(f['business'])} and your name is "
+                f"{_words(f['agent_name'])}. Information: {facts}")
+        return text.rstrip()
     if kind == "assistant":
-        parts = [_sentence(f"You are {f['role'].strip()}")]
+        parts = [_sentence(f"You are {_words(f['role'])}")]
         if f.get("instructions"):
             parts.append(_sentence(f["instructions"]))
         return " ".join(parts)
@@ -112,7 +160,7 @@ def render_prompt(kind: str, f: dict[str, Any]) -> str:
                 topic = f"Have {article} {topic}"
             parts.append(_sentence(topic))
         bg = f.get("background") or []
-        parts.extend(_sentence(x) for x in ([bg] if isinstance(bg, str) else bg))
+        parts.extend(_sentence(x) for x in ([bg] if isinstance(bg, str) else bg) if str(x).strip())
         return " ".join(parts)
     raise ValueError(kind)
 
@@ -299,9 +347,76 @@ def parse_persona(path: Path, fields: dict[str, Located], doc_line: int, voices:
     if not numbers and not is_default and "numbers" in fields:
         c.err("numbers", "is empty: list the numbers this persona answers (or set default: true)")
 
+    declared = _variables(c)
+    templates = _templates(c, kf, declared)
     if c.issues:
         raise PersonaError(c.issues)
-    prompt = render_prompt(kind, kf)
-    return Persona(id=pid, kind=kind, numbers=tuple(numbers), voice=voice or "", prompt=prompt,
-                   source=str(path), company=kf.get("company"), agent_name=kf.get("agent_name"),
-                   sampling_overrides=overrides, transfer=transfer, default=is_default, description=description)
+    persona = Persona(id=pid, kind=kind, numbers=tuple(numbers), voice=voice or "", prompt="",
+                      source=str(path), company=kf.get("company"), agent_name=kf.get("agent_name"),
+                      sampling_overrides=overrides, transfer=transfer, default=is_default, description=description,
+                      variables=declared, templates=templates)
+    default_prompt = persona.render().text if templates is not None else render_prompt(kind, kf)
+    return replace(persona, prompt=default_prompt)
+
+
+def _variables(c: _Checker) -> dict[str, str]:
+    """`variables: {name: default}` ("" or nothing = unknown until a call says)."""
+    if "variables" not in c.fields:
+        return {}
+    loc = c.fields["variables"]
+    raw = loc.value
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        c.err("variables", "must be a mapping of variable names to defaults, e.g. {customer_name: \"\"}")
+        return {}
+    out: dict[str, str] = {}
+    for name, default in raw.items():
+        line = (loc.key_lines or {}).get(str(name), loc.line)
+        if not isinstance(name, str) or not templating.NAME.match(name):
+            c.err("variables", f"variable name {name!r} must be lowercase letters, digits or '_'", line)
+            continue
+        if default is None:
+            default = ""
+        if isinstance(default, bool) or not isinstance(default, (str, int, float)):
+            c.err("variables", f"default of '{name}' must be text (\"\" for unknown)", line)
+            continue
+        out[name] = " ".join(str(default).split())[:200]
+    return out
+
+
+def _templates(c: _Checker, kf: dict[str, Any], declared: dict[str, str]) -> dict | None:
+    """The kind's text fields as templates, checking every placeholder; None when no field has
+    one (the prompt is then the same for every call)."""
+    templates: dict[str, Any] = {}
+    used: dict[str, None] = {}
+    any_placeholder = False
+    for name, value in kf.items():
+        if value is None:
+            templates[name] = None
+            continue
+        loc = c.fields.get(name)
+        items = value if isinstance(value, list) else [value]
+        parsed = []
+        for i, text in enumerate(items):
+            line = loc.item_lines[i] if loc is not None and i < len(loc.item_lines) else (loc.line if loc else None)
+            where = f"item {i + 1}: " if isinstance(value, list) else ""
+            try:
+                tpl = templating.parse(str(text))
+            except templating.TemplateError as exc:
+                c.err(name, f"{where}{exc}", line)
+                continue
+            for var in tpl.names:
+                any_placeholder = True
+                used[var] = None
+                if var not in declared and var not in templating.BUILTINS:
+                    c.err(name, f"{where}unknown placeholder {{{var}}}: declare it under 'variables:' "
+                                f"(built-in: {', '.join(templating.BUILTINS)})", line)
+            parsed.append(tpl)
+        templates[name] = tuple(parsed) if isinstance(value, list) else (parsed[0] if parsed else None)
+    for var in declared:
+        if var not in used:
+            loc = c.fields["variables"]
+            c.err("variables", f"variable '{var}' is declared but no text uses {{{var}}}",
+                  (loc.key_lines or {}).get(var, loc.line))
+    return templates if any_placeholder else None

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from agent.personas.schema import Persona
+from agent.personas.schema import Persona, RenderedPrompt
 from agent.prompt import SILENCE_FRAMES, tokenize_prompt
 
 
@@ -42,6 +42,22 @@ def voice_steps(voices_dir: Path | None, voice: str) -> int:
     return 0
 
 
+def prompt_budget(context: int, voice_steps: int) -> int:
+    """Text tokens a prompt may have: the context minus the voice, the silences and one step."""
+    return context - 1 - 2 * SILENCE_FRAMES - voice_steps
+
+
+def fit_to_budget(persona: Persona, values: dict[str, str], count_tokens, budget: int) -> RenderedPrompt:
+    """The persona rendered for one call, information items dropped from the end until it fits
+    `budget` tokens (a long CRM answer costs facts, never the call)."""
+    rendered = persona.render(values)
+    kept = persona.list_items - rendered.items_left_out
+    while count_tokens(rendered.text) > budget and kept > 0:
+        kept -= 1
+        rendered = persona.render(values, max_items=kept)
+    return rendered
+
+
 def make_prompt_limit(tokenizer, context: int, voices_dir: Path | None):
     """A `PromptLimit` for the registry: (tokens, allowed tokens) of a persona's prompt."""
     if tokenizer is None:
@@ -52,6 +68,6 @@ def make_prompt_limit(tokenizer, context: int, voices_dir: Path | None):
         if p.voice not in cache:
             cache[p.voice] = voice_steps(voices_dir, p.voice)
         tokens = len(tokenize_prompt(tokenizer, p.prompt))
-        return tokens, context - 1 - 2 * SILENCE_FRAMES - cache[p.voice]
+        return tokens, prompt_budget(context, cache[p.voice])
 
     return limit

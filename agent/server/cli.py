@@ -15,6 +15,7 @@ def cmd_serve(args) -> int:
     import signal
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: dump thread stacks
+    faulthandler.enable(all_threads=True)  # a crash in native code leaves every thread's stack
     cfg = load_config(args.config, base_dir=Path.cwd())
     if args.port is not None:
         cfg.http.port = args.port

@@ -95,6 +95,26 @@ class WebRtcConfig(_Strict):
     enabled: bool = True
     ice_servers: list[str] = []  # e.g. ["stun:stun.example.org:3478"]; none needed on a LAN/localhost
     connect_timeout_s: float = Field(20.0, gt=0)
+    # honour the page's per-call "context" (variables for the persona's placeholders): browser
+    # callers are untrusted, so off unless the page is yours and behind your own checks
+    client_context: bool = False
+    # the "Try a prompt" panel (any prompt, voice and sampling, then "Save as persona YAML");
+    # off the loopback address it needs `Authorization: Bearer $<playground_token_env>`
+    playground: bool = False
+    playground_token_env: str = "PERSONAPLEX_PLAYGROUND_TOKEN"
+
+
+class ContextConfig(_Strict):
+    """Per-call context from the company's CRM (see agent/context.py)."""
+
+    lookup_url: str | None = None  # POST {call_id, endpoint, dialled_number, caller_number, variables}
+    lookup_timeout_ms: int = Field(400, ge=10, le=10000)
+    lookup_token_env: str | None = None  # environment variable with a bearer token for the lookup
+
+    def to_settings(self):
+        from agent.context import LookupSettings
+
+        return LookupSettings(self.lookup_url, self.lookup_timeout_ms, self.lookup_token_env)
 
 
 class TwilioConfig(_Strict):
@@ -147,6 +167,8 @@ class SipConfig(_Strict):
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     allow_from: list[str] = ["127.0.0.0/8"]  # source networks allowed to INVITE directly (ACL)
+    # INVITE headers whose values become per-call variables: {"X-Customer-Name": customer_name}
+    context_headers: dict[str, str] = {}
     registration: SipRegistration | None = None
     codecs: list[str] = ["opus/48000", "G722/16000", "PCMU/8000", "PCMA/8000"]
     busy_code: Literal[486, 503] = 486
@@ -156,6 +178,18 @@ class SipConfig(_Strict):
     # pjsip's own verbosity (0-6); its lines are logged as structured "pjsip" events: level 1
     # errors, 2 warnings, 3 and up at debug
     pjsip_log_level: int = Field(3, ge=0, le=6)
+
+    @field_validator("context_headers")
+    @classmethod
+    def _names(cls, v: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for header, var in v.items():
+            if not re.match(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$", header):
+                raise ValueError(f"{header!r} is not a SIP header name")
+            if not re.match(r"^[a-z_][a-z0-9_]{0,63}$", var):
+                raise ValueError(f"{var!r} is not a variable name (lowercase letters, digits, '_')")
+        return v
 
     @field_validator("allow_from")
     @classmethod
@@ -187,6 +221,7 @@ class ServerConfig(_Strict):
     sip: SipConfig = SipConfig()
     twilio: TwilioConfig = TwilioConfig()
     telnyx: TelnyxConfig = TelnyxConfig()
+    context: ContextConfig = ContextConfig()
     logging: LoggingConfig = LoggingConfig()
     recording: RecordingConfig = RecordingConfig()
     drain_timeout_s: float = Field(30.0, ge=0)

@@ -61,7 +61,7 @@ class CallRecorder:
         os.replace(tmp_wav, base.with_suffix(".wav"))
         meta = {"call_id": sess.call_id, "persona": sess.persona.id, "number": sess.number,
                 "endpoint": sess.endpoint, "started": rec["t0"], "reason": reason,
-                "duration_s": round(len(rec["agent"]) * FRAME_S, 2), "prompt": sess.prompt,
+                "duration_s": round(len(rec["agent"]) * FRAME_S, 2), "prompt": sess.prompt, "variables": sess.variables,
                 "transcript": rec["text"],
                 "channels": {"left": "caller", "right": "agent"}}
         tmp_json = base.with_suffix(".json.tmp")

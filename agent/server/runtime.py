@@ -102,9 +102,14 @@ class Runtime:
     def build(self) -> None:
         model = self.load_model()
         self.scheduler = Scheduler(model, self.cfg.engine.to_scheduler_config(), self.metrics)
+        from agent.context import ContextLookup, ContextResolver
         from telephony.admission import Admission
 
-        self.admission = Admission(self.scheduler, self.route, self.metrics, self.cfg.engine.retry_after_s)
+        scheduler = self.scheduler
+        self.context = ContextResolver(ContextLookup(self.cfg.context.to_settings(), self.metrics),
+                                       start=lambda sess, values: scheduler.start_call(sess, variables=values))
+        self.admission = Admission(self.scheduler, self.route, self.metrics, self.cfg.engine.retry_after_s,
+                                   start=self.context.begin_request)
         voices_dir = model.files.voices_dir
         self.registry = PersonaRegistry(self.cfg.personas.dir, available_voices(voices_dir),
                                         prompt_limit=make_prompt_limit(model.text_tokenizer, model.context, voices_dir),
@@ -178,6 +183,7 @@ class Runtime:
 
     async def start(self) -> None:
         self.build()
+        self.context.loop = asyncio.get_running_loop()
         assert self.scheduler is not None and self.registry is not None
         self.scheduler.start()
         self.registry.reload()
@@ -254,6 +260,7 @@ class Runtime:
                 log.exception("endpoint_stop_failed", endpoint=type(ep).__name__)
         if self.registry is not None:
             self.registry.stop_watching()
+        await self.context.lookup.close()
         if self._runner is not None:
             await self._runner.cleanup()
         log.info("stopped", hung_up=left)

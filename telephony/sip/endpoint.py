@@ -24,7 +24,7 @@ from telephony.admission import SIP_STATUS, CallRequest, Refusal, RefusalKind
 from telephony.sip import options as sip_options
 from telephony.sip import pjlog
 from telephony.sip.call import SipCall
-from telephony.sip.sipmsg import allowed, caller_user, dialled_user, source_ip
+from telephony.sip.sipmsg import allowed, caller_user, dialled_user, header_variables, source_ip
 
 log = structlog.get_logger(__name__)
 NAME = "sip"
@@ -251,7 +251,8 @@ class SipEndpoint:
             return self._refuse(call, rt.admission.refuse(NAME, RefusalKind.FORBIDDEN,
                                                           f"source {src} is not in sip.allow_from"))
         try:
-            admitted = rt.admission.admit(CallRequest(NAME, number or None, caller=caller_user(msg)))
+            admitted = rt.admission.admit(CallRequest(NAME, number or None, caller=caller_user(msg),
+                                                      variables=header_variables(msg, self.cfg.context_headers)))
         except Exception:
             log.exception("sip_call_setup_failed", number=number, source=src)
             op = pj.CallOpParam()

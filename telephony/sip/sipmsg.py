@@ -51,3 +51,19 @@ def allowed(ip: str, networks: list[str]) -> bool:
     except ValueError:
         return False
     return any(addr in ipaddress.ip_network(n, strict=False) for n in networks)
+
+
+def header_variables(whole_msg: str, mapping: dict[str, str]) -> dict[str, str]:
+    """Per-call variables from INVITE headers: {header name (any case): variable name}. The
+    first occurrence of a header wins; values are cleaned later (agent.context)."""
+    if not mapping:
+        return {}
+    wanted = {h.lower(): var for h, var in mapping.items()}
+    out: dict[str, str] = {}
+    head = whole_msg.split("\r\n\r\n", 1)[0].split("\n\n", 1)[0]
+    for line in head.splitlines()[1:]:
+        name, sep, value = line.partition(":")
+        var = wanted.get(name.strip().lower()) if sep else None
+        if var is not None and var not in out:
+            out[var] = value.strip()
+    return out

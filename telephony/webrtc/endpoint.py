@@ -23,7 +23,9 @@ from agent.events import CallEvent, EndReason
 from agent.session import CallSession
 from telephony.admission import HTTP_STATUS, CallRequest, Refusal
 from telephony.leg import CallLeg
+from agent.personas.schema import PersonaError
 from telephony.webrtc.offer import drop_mdns_candidates
+from telephony.webrtc.playground import Playground
 from telephony.webrtc.protocol import PageDtmf, PageHangup, decode_page_message, encode_event, hello
 from telephony.webrtc.tracks import PACKET, RATE, AgentAudioTrack
 
@@ -146,9 +148,12 @@ class WebRtcEndpoint:
     def __init__(self, runtime):
         self.runtime = runtime
         self.calls: set[WebRtcLeg] = set()
+        self.playground = Playground(runtime)
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/api/call", self.offer)
+        app.router.add_get("/api/playground", self.playground.info)
+        app.router.add_post("/api/playground/yaml", self.playground.save_yaml)
         app.router.add_get("/", self.index)
         app.router.add_static("/static/", STATIC)
 
@@ -165,7 +170,24 @@ class WebRtcEndpoint:
             return bad_request("expected JSON {sdp, type, persona}")
         if offer.type != "offer" or "m=audio" not in offer.sdp:
             return bad_request("expected an SDP offer with an audio stream")
-        admitted = rt.admission.admit(CallRequest(NAME, target or None))
+        context = body.get("context")
+        if context is not None and not isinstance(context, dict):
+            return bad_request("context must be a JSON object of variables")
+        persona = None
+        if "playground" in body:  # ops staff trying a prompt: trusted once the playground lets them in
+            refused = self.playground.refusal(request)
+            if refused is not None:
+                return refused
+            try:
+                persona = self.playground.persona(body["playground"])
+            except PersonaError as exc:
+                return web.json_response({"error": "invalid_persona", "reason": "the prompt form has problems",
+                                          "problems": [str(i) for i in exc.issues]}, status=400)
+        elif context and not rt.cfg.webrtc.client_context:
+            # browser callers are untrusted: their context is not the agent's knowledge
+            log.info("client_context_ignored", variables=sorted(str(k) for k in context)[:20])
+            context = None
+        admitted = rt.admission.admit(CallRequest(NAME, target or None, variables=context or {}, persona=persona))
         if isinstance(admitted, Refusal):
             return refusal_response(admitted)
         session = admitted

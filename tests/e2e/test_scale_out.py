@@ -97,7 +97,7 @@ class Farm:
         calls left."""
         for a in self.agents:
             if a.alive and http_json(a.url + "/readyz")[1].get("draining"):
-                a.srv.stop(signal.SIGKILL)
+                a.srv.stop(signal.SIGKILL, expect_exit=None)
         down = [a for a in self.agents if not a.alive]
         for a in down:
             if a.srv is not None:

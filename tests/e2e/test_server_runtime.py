@@ -179,7 +179,7 @@ def test_drain_timeout_hangs_up_politely_and_second_signal_is_immediate(tmp_path
 
     code, dt = run(hold())
     assert code != 0 and dt < 3  # the second signal does not wait for the drain (30 s by default)
-    srv2.stop()
+    srv2.stop(expect_exit=code)
 
 
 def test_unknown_persona_and_bad_offer(tmp_path, demo_dir):

@@ -14,24 +14,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.support import free_port, poll, speech_wav
+from tests.support import free_port, poll, require, speech_wav
 from tests.support.server import ServerProcess, http_json, http_text
 
 SIPP = shutil.which("sipp")
 SCENARIOS = Path(__file__).parent / "sipp"
 SIP_CLIENT = Path(__file__).resolve().parents[1] / "support" / "sip_client.py"
 
-try:
-    import pjsua2  # noqa: F401
-    HAVE_PJSUA2 = True
-except ImportError:
-    HAVE_PJSUA2 = False
 
-pytestmark = [
-    pytest.mark.skipif(not HAVE_PJSUA2, reason="pjsua2 is built by scripts/build_pjsua2.sh (run by make test)"),
-    pytest.mark.skipif(SIPP is None or shutil.which("espeak-ng") is None or shutil.which("sox") is None,
-                       reason="needs sipp (Debian sip-tester), espeak-ng and sox (installed by scripts/setup.sh)"),
-]
+
+@pytest.fixture(scope="module", autouse=True)
+def components():
+    for c in ("pjsua2", "sipp", "espeak-ng", "sox"):
+        require(c)
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +184,8 @@ def _invite(headers: list[str], body: str = "") -> str:
 
 
 def test_malformed_sip_and_sdp_get_4xx_and_nothing_breaks(sip_server, audio, tmp_path):
+    # pjsip reports the broken SDP it refuses at its error level: provoked here, on purpose
+    sip_server.allow(r"Error parsing/validating SDP body", r"Bad SDP in incoming INVITE")
     bad_sdp = "v=0\r\nthis is not an SDP\r\nm=audio nope\r\n"
     assert _raw(sip_server, _invite(["Content-Type: application/sdp"], bad_sdp)) == "SIP/2.0 400 Bad SDP"
     assert _raw(sip_server, _invite(["-Contact"])) == "SIP/2.0 400 Bad Request"
@@ -218,17 +215,6 @@ def test_dtmf_is_delivered_and_failed_transfer_keeps_the_call(sip_server, audio,
     assert any(ln.get("event") == "sip_transfer" for ln in lines)
     assert call_ends(sip_server, before + 1)[-1]["reason"] == "caller_hangup"  # not ended by the failed transfer
     assert 'personaplex_dtmf_total{endpoint="sip"} 1.0' in http_text(sip_server.url + "/metrics")
-
-
-def test_sipmsg_parsing():
-    from telephony.sip.sipmsg import allowed, dialled_user, source_ip
-
-    msg = "INVITE sip:+14155550100@10.0.0.1;user=phone SIP/2.0\r\nTo: <sip:other@x>\r\n\r\n"
-    assert dialled_user(msg) == "+14155550100"
-    assert dialled_user("INVITE sip:10.0.0.1 SIP/2.0\r\nTo: \"A\" <sip:1001@pbx>\r\n") == "1001"
-    assert dialled_user("INVITE tel:+442079460000 SIP/2.0\r\n") == "+442079460000"
-    assert source_ip("127.0.0.1:5062") == "127.0.0.1" and source_ip("[::1]:5060") == "::1"
-    assert allowed("127.0.0.1", ["127.0.0.0/8"]) and not allowed("192.0.2.1", ["127.0.0.0/8", "10.0.0.0/8"])
 
 
 def test_caller_that_vanishes_is_hung_up_on_rtp_timeout(sip_server, tmp_path):

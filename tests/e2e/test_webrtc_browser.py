@@ -7,15 +7,18 @@ import time
 
 import pytest
 
-from tests.support import ROOT, speech_wav
+from tests.support import ROOT, poll, require, speech_wav
 from tests.support.server import http_json, wait_caller_heard, wait_capacity
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = ROOT / "artifacts"
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None or shutil.which("espeak-ng") is None or shutil.which("sox") is None,
-    reason="needs Debian's chromium, espeak-ng and sox (installed by scripts/setup.sh)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def components():
+    for c in ("chromium", "espeak-ng", "sox"):
+        require(c)
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +108,75 @@ def test_microphone_blocked_message(server, browser):
     page.click("#call")
     page.wait_for_function("document.getElementById('status').textContent.includes('Microphone blocked')")
     ctx.close()
+
+
+def test_playground_drafts_calls_and_saves_a_persona(tmp_path, demo_dir, browser):
+    """Ops staff try a prompt of their own: the form's persona, voice and sampling reach the call,
+    the agent answers, and "Save as persona YAML" gives a file `personas check` accepts."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.support.server import ServerProcess
+
+    srv = ServerProcess(tmp_path, demo_dir.parent, {"engine": {"max_calls": 1},
+                                                     "recording": {"enabled": True, "dir": str(tmp_path / "rec")}})
+    srv.wait_ready()
+    try:
+        ctx = browser.new_context(accept_downloads=True)
+        page = ctx.new_page()
+        page.goto(srv.url + "/")
+        page.wait_for_selector("#playground:not([hidden])")
+        page.click("#playground summary")
+        page.wait_for_selector("#pg-voice option[value=VARF1]", state="attached")
+        page.select_option("#pg-kind", "service")
+        page.fill("#pg-company", "Lumen Plumbing")
+        page.fill("#pg-business", "plumbing repair service")
+        page.fill("#pg-agent_name", "Sam Rivera")
+        page.fill("#pg-information", "Emergency call-out costs $120.\n\nVerify the address before booking.")
+        page.select_option("#pg-voice", "VARF1")
+        for slider, value in (("temp_text", "0.35"), ("topk_text", "7"), ("temp_audio", "0.6")):
+            page.eval_on_selector(f"#pg-{slider}", "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }",
+                                  value)
+        assert page.inner_text("output[for=pg-topk_text]") == "7"
+        page.click("#pg-call")
+        wait_for(page, "window.__call.state === 'connected'")
+        wait_for(page, "window.__call.agentLoudFrames > 5 && window.__call.texts > 3", 40)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
+        start = next(ln for ln in srv.lines() if ln.get("event") == "call_start")
+        assert start["persona"] == "playground" and start["voice"] == "VARF1"
+        assert start["sampling"]["temp_text"] == 0.35 and start["sampling"]["topk_text"] == 7
+        assert start["sampling"]["temp_audio"] == 0.6
+        page.click("#hangup")
+        wait_capacity(srv, 1)
+        record = poll(lambda: list((tmp_path / "rec").glob("*.json")), bool, 10)
+        meta = json.loads(record[0].read_text())
+        assert meta["prompt"] == ("You work for Lumen Plumbing which is a plumbing repair service and your name "
+                                  "is Sam Rivera. Information: Emergency call-out costs $120. Verify the address "
+                                  "before booking.")
+        # the draft as a persona file
+        page.fill("#pg-id", "lumen")
+        page.fill("#pg-numbers", "+1 415 555 0199, 2077")
+        with page.expect_download() as dl:
+            page.click("#pg-save")
+        drafts = tmp_path / "drafts"
+        drafts.mkdir()
+        saved = drafts / dl.value.suggested_filename
+        dl.value.save_as(saved)
+        assert saved.name == "lumen.yaml"
+        check = subprocess.run([sys.executable, "-m", "agent", "personas", "check", str(drafts)],
+                               capture_output=True, text=True, timeout=60)
+        assert check.returncode == 0, check.stderr
+        assert "lumen" in check.stdout and "+14155550199" in check.stdout
+        show = subprocess.run([sys.executable, "-m", "agent", "personas", "show", "2077", "--dir", str(drafts)],
+                              capture_output=True, text=True, timeout=60)
+        assert meta["prompt"] in show.stdout and "VARF1" in show.stdout
+        # a broken form is refused with its problems named, nothing is called
+        page.fill("#pg-company", "")
+        page.click("#pg-call")
+        page.wait_for_selector("#pg-problems li")
+        assert "company" in page.inner_text("#pg-problems")
+        ctx.close()
+    finally:
+        srv.stop()

@@ -12,14 +12,19 @@ import importlib.util
 import pytest
 
 from tests.support.firefox import FIREFOX
-from tests.support import ROOT
+from tests.support import ROOT, require
 from tests.support.server import http_json, wait_caller_heard, wait_capacity
 
 ARTIFACTS = ROOT / "artifacts"
 
-pytestmark = pytest.mark.skipif(
-    FIREFOX is None or importlib.util.find_spec("marionette_driver") is None,
-    reason="needs Debian's firefox-esr and marionette_driver (both installed by scripts/setup.sh)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def components():
+    require("firefox-esr")
+    if FIREFOX is None or importlib.util.find_spec("marionette_driver") is None:
+        pytest.fail("required test component missing: firefox-esr / marionette_driver (scripts/setup.sh "
+                    "installs both)", pytrace=False)
 
 
 @pytest.fixture

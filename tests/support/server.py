@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -34,7 +35,12 @@ def http_text(url: str) -> str:
 
 
 class ServerProcess:
-    def __init__(self, tmp: Path, cache: Path, overrides: dict | None = None, env: dict[str, str] | None = None):
+    def __init__(self, tmp: Path, cache: Path, overrides: dict | None = None, env: dict[str, str] | None = None,
+                 allow_errors: list[str] | None = None):
+        """`allow_errors`: regular expressions for the error lines this test provokes on purpose;
+        any other error, traceback or non-JSON line in the server's log fails the test at
+        `stop()`, as does an exit status other than the one expected."""
+        self.allowed = [re.compile(p) for p in (allow_errors or [])]
         self.port = free_port()
         self.sip_port = free_port(socket.SOCK_DGRAM)
         cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
@@ -84,7 +90,31 @@ class ServerProcess:
                 pass
         return out
 
-    def stop(self, sig=signal.SIGTERM, timeout: float = 40.0) -> int:
+    def allow(self, *patterns: str) -> None:
+        """Error lines matching these are expected (the test provoked them)."""
+        self.allowed += [re.compile(p) for p in patterns]
+
+    def unexpected_errors(self) -> list[str]:
+        """Log lines that show a fault: not JSON (raw tracebacks, C libraries printing), or at
+        level error/critical, or carrying an exception, and not allowed by this test."""
+        bad = []
+        for line in self.log_path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                faulty = not isinstance(entry, dict) or entry.get("level") in ("error", "critical") \
+                    or "exception" in entry
+            except ValueError:
+                faulty = True
+            if faulty and not any(p.search(line) for p in self.allowed):
+                bad.append(line)
+        return bad
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 40.0, expect_exit: int | None = 0,
+             check_log: bool = True) -> int:
+        """Stop the server (if still running) and check how it went: its exit status (None:
+        any) and its log (see `unexpected_errors`). Returns the exit status."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -92,8 +122,18 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
+        if not self.log.closed:
+            self.log.close()
+        rc = self.proc.returncode
+        if expect_exit is not None and rc != expect_exit:
+            raise AssertionError(f"server exited {rc}, expected {expect_exit}:\n"
+                                 + self.log_path.read_text()[-3000:])
+        if check_log:
+            bad = self.unexpected_errors()
+            if bad:
+                raise AssertionError(f"the server logged {len(bad)} unexpected error line(s):\n"
+                                     + "\n".join(b[:2000] for b in bad[:10]))
+        return rc
 
 
 def wait_caller_heard(srv: "ServerProcess", timeout: float = 15.0) -> dict:

@@ -83,8 +83,9 @@ function onEvent(msg) {
   }
 }
 
-async function call() {
+async function call(playground = null) {
   $("call").disabled = true;
+  $("pg-call").disabled = true;
   // Made here, inside the click, while the page has the user's gesture: browsers (Firefox
   // especially) keep an AudioContext made later, after the awaits below, suspended and silent.
   audioCtx = audioCtx || new AudioContext();
@@ -120,9 +121,11 @@ async function call() {
   status("Calling…");
   let res;
   try {
+    const offer = { sdp: pc.localDescription.sdp, type: pc.localDescription.type };
+    if (playground) offer.playground = playground;
+    else offer.persona = $("persona").value;
     res = await fetch("/api/call", {
-      method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type, persona: $("persona").value }),
+      method: "POST", headers: { "Content-Type": "application/json", ...playgroundAuth() }, body: JSON.stringify(offer),
     });
   } catch (e) {
     status("Connection lost: the agent server cannot be reached.", true);
@@ -134,6 +137,7 @@ async function call() {
     const msg = res.status === 503 ? `Server busy: ${body.reason}. Try again in ${body.retry_after || 5} s.`
                                    : `Call refused: ${body.reason}`;
     status(msg, true);
+    showProblems(body.problems || []);
     stats.state = body.error;
     cleanup();
     return;
@@ -155,6 +159,7 @@ function cleanup() {
   pc = null; channel = null; mic = null;
   $("hangup").disabled = true;
   $("call").disabled = false;
+  $("pg-call").disabled = false;
 }
 
 function hangup() {
@@ -164,6 +169,105 @@ function hangup() {
   setTimeout(cleanup, 200);
 }
 
-$("call").addEventListener("click", call);
+// -- the prompt playground (shown when the server has it on) --------------------------------------
+const LIST_FIELDS = ["information", "background"];
+const KIND_FIELDS = {
+  service: ["company", "business", "agent_name", "information"],
+  assistant: ["role", "instructions"],
+  casual: ["topic", "background"],
+  prompt: ["prompt"],
+};
+const SLIDERS = ["temp_audio", "temp_text", "topk_audio", "topk_text"];
+
+function playgroundAuth() {
+  const token = $("pg-token").value.trim();
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
+
+function showProblems(problems) {
+  $("pg-problems").replaceChildren(...problems.map((p) => {
+    const li = document.createElement("li");
+    li.textContent = p.replace(/^<playground>:\s*/, "");
+    return li;
+  }));
+}
+
+// The form as persona fields (what a persona file would say).
+function playgroundSpec() {
+  const kind = $("pg-kind").value;
+  const spec = { kind, voice: $("pg-voice").value };
+  for (const f of KIND_FIELDS[kind]) {
+    const raw = $(`pg-${f}`).value;
+    if (LIST_FIELDS.includes(f)) {
+      const lines = raw.split("\n").map((x) => x.trim()).filter(Boolean);
+      if (lines.length) spec[f] = lines;
+    } else if (raw.trim()) spec[f] = raw.trim();
+  }
+  spec.sampling = {};
+  for (const k of SLIDERS) {
+    const v = Number($(`pg-${k}`).value);
+    spec.sampling[k] = k.startsWith("topk") ? Math.round(v) : v;
+  }
+  return spec;
+}
+
+function showKind() {
+  for (const fs of document.querySelectorAll("#pg-form fieldset[data-kind]")) fs.hidden = fs.dataset.kind !== $("pg-kind").value;
+}
+
+async function savePersona() {
+  const numbers = $("pg-numbers").value.split(",").map((x) => x.trim()).filter(Boolean);
+  const res = await fetch("/api/playground/yaml", {
+    method: "POST", headers: { "Content-Type": "application/json", ...playgroundAuth() },
+    body: JSON.stringify({ persona: playgroundSpec(), id: $("pg-id").value.trim(), numbers }),
+  });
+  if (!res.ok) {
+    const body = await res.json();
+    showProblems(body.problems || [body.reason]);
+    return;
+  }
+  showProblems([]);
+  const url = URL.createObjectURL(new Blob([await res.text()], { type: "application/x-yaml" }));
+  const a = document.createElement("a");
+  a.href = url;
+  a.download = `${$("pg-id").value.trim() || "my-persona"}.yaml`;
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
+  status(`Saved ${a.download}: put it in the personas folder (and run personas check).`);
+}
+
+async function loadPlayground() {
+  let res = await fetch("/api/playground");
+  if (res.status === 404) return;  // off on this server
+  $("playground").hidden = false;
+  if (res.status === 401 || res.status === 403) {
+    $("pg-token-row").hidden = false;
+    $("pg-token").addEventListener("change", loadPlayground, { once: true });
+    if (res.status === 403) showProblems([(await res.json()).reason]);
+    return;
+  }
+  const info = await res.json();
+  $("pg-voice").replaceChildren(...info.voices.map((v) => {
+    const opt = document.createElement("option");
+    opt.value = opt.textContent = v;
+    return opt;
+  }));
+  for (const k of SLIDERS) {
+    const input = $(`pg-${k}`);
+    const out = document.querySelector(`output[for="pg-${k}"]`);
+    input.value = info.sampling[k];
+    out.textContent = input.value;
+    input.addEventListener("input", () => { out.textContent = input.value; });
+  }
+  showKind();
+}
+
+$("call").addEventListener("click", () => call());
 $("hangup").addEventListener("click", hangup);
+$("pg-kind").addEventListener("change", showKind);
+$("pg-call").addEventListener("click", () => { showProblems([]); call(playgroundSpec()); });
+$("pg-save").addEventListener("click", savePersona);
 loadPersonas();
+loadPlayground();
