@@ -34,6 +34,8 @@ from agent.session import CallSession
 
 log = structlog.get_logger(__name__)
 
+MIN_PREFILL_S = 0.010  # prefill work a tick always gets, spare time or not
+
 
 @dataclass
 class StartRequest:
@@ -174,9 +176,11 @@ class StartLane:
             return
         rows = len(self._batch)
         left = self._run.total - self._run.done_steps
-        budget = deadline - time.monotonic()
-        chunk = max(self.min_chunk, int(budget / (self.step_cost_s * rows))) if budget > 0 else self.min_chunk
-        chunk = min(chunk, left)
+        # what fits before the next tick; and at least MIN_PREFILL_S of work even when the tick
+        # has no time left (an overloaded engine must still start calls, and a short prefill
+        # finished now beats one spread over many late ticks)
+        budget = max(deadline - time.monotonic(), MIN_PREFILL_S)
+        chunk = min(max(self.min_chunk, int(budget / (self.step_cost_s * rows))), left)
         t0 = time.monotonic()
         try:
             done = self._run.advance(chunk)

@@ -12,8 +12,11 @@ from aiortc.contrib.media import MediaPlayer
 
 
 class WebRtcCaller:
-    def __init__(self, base_url: str, persona: str, wav: str | None = None):
+    def __init__(self, base_url: str, persona: str, wav: str | None = None, extra: dict | None = None,
+                 headers: dict | None = None):
+        """`extra`: more fields of the /api/call body (context, playground); `headers`: of that request."""
         self.base_url, self.persona, self.wav = base_url, persona, wav
+        self.extra, self.headers = dict(extra or {}), dict(headers or {})
         self.pc = RTCPeerConnection()
         self.events: list[dict] = []
         self.received: list[np.ndarray] = []
@@ -34,8 +37,9 @@ class WebRtcCaller:
         self.pc.on("track", self._on_track)
         await self.pc.setLocalDescription(await self.pc.createOffer())
         async with aiohttp.ClientSession() as http:
-            async with http.post(self.base_url + "/api/call", json={
-                    "sdp": self.pc.localDescription.sdp, "type": "offer", "persona": self.persona}) as r:
+            async with http.post(self.base_url + "/api/call", headers=self.headers, json={
+                    "sdp": self.pc.localDescription.sdp, "type": "offer", "persona": self.persona,
+                    **self.extra}) as r:
                 self.status = r.status
                 self.body = await r.json()
         if self.status != 200:
