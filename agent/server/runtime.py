@@ -88,6 +88,8 @@ class Runtime:
         self.http_urls: list[str] = []
         self.started_at = time.time()
         self._reload_errors_seen = 0
+        # called once the call path is warm, before the endpoints listen (extensions, test doubles)
+        self.on_warm: list = []
 
     # -- set-up ------------------------------------------------------------------------------------
     def load_model(self) -> LoadedModel:
@@ -192,6 +194,8 @@ class Runtime:
         if self.cfg.engine.prewarm:
             self.scheduler.preload_voices(self.registry.personas())
         await self._warm_up()
+        for hook in self.on_warm:
+            hook(self)
         if self.cfg.http.enabled:
             app = self.build_app()
             self._runner = web.AppRunner(app, handle_signals=False, access_log=None)

@@ -34,13 +34,24 @@ def http_text(url: str) -> str:
         return r.read().decode()
 
 
+def metric(srv: "ServerProcess", sample: str) -> float:
+    """The value of one Prometheus sample (`name{labels}` exactly as exposed), 0 when absent:
+    tests compare values before and after what they do, so they do not depend on what ran
+    before them on the same server."""
+    for line in http_text(srv.url + "/metrics").splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
 class ServerProcess:
     def __init__(self, tmp: Path, cache: Path, overrides: dict | None = None, env: dict[str, str] | None = None,
-                 allow_errors: list[str] | None = None):
+                 allow_errors: list[str] | None = None, module: str | None = None, args: list[str] | None = None):
         """`allow_errors`: regular expressions for the error lines this test provokes on purpose;
         any other error, traceback or non-JSON line in the server's log fails the test at
         `stop()`, as does an exit status other than the one expected."""
         self.allowed = [re.compile(p) for p in (allow_errors or [])]
+        self.stopped: int | None = None  # exit status once stop() has run its checks
         self.port = free_port()
         self.sip_port = free_port(socket.SOCK_DGRAM)
         cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
@@ -64,8 +75,11 @@ class ServerProcess:
         self.ws_url = f"ws://127.0.0.1:{self.port}"
         env = dict(os.environ, PERSONAPLEX_CACHE=str(cache), NO_TORCH_COMPILE="1", **(env or {}))
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "serve", "--config", str(self.config)],
-                                     cwd=tmp, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        # `module`: a test wrapper of the server (e.g. tests.support.fake_server) instead of the CLI
+        cmd = ([sys.executable, "-m", module, "--config", str(self.config), *(args or [])] if module
+               else [sys.executable, "-m", "agent", "serve", "--config", str(self.config)])
+        env.setdefault("PYTHONPATH", str(ROOT))
+        self.proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 90.0) -> dict:
         deadline = time.monotonic() + timeout
@@ -114,7 +128,10 @@ class ServerProcess:
     def stop(self, sig=signal.SIGTERM, timeout: float = 40.0, expect_exit: int | None = 0,
              check_log: bool = True) -> int:
         """Stop the server (if still running) and check how it went: its exit status (None:
-        any) and its log (see `unexpected_errors`). Returns the exit status."""
+        any) and its log (see `unexpected_errors`). Returns the exit status. Checked once: a
+        second call (a fixture's clean-up after the test stopped it) only returns the status."""
+        if self.stopped is not None:
+            return self.stopped
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -124,7 +141,7 @@ class ServerProcess:
                 self.proc.wait()
         if not self.log.closed:
             self.log.close()
-        rc = self.proc.returncode
+        rc = self.stopped = self.proc.returncode
         if expect_exit is not None and rc != expect_exit:
             raise AssertionError(f"server exited {rc}, expected {expect_exit}:\n"
                                  + self.log_path.read_text()[-3000:])

@@ -53,7 +53,9 @@ class WebRtcCaller:
             try:
                 while True:
                     f = await track.recv()
-                    self.received.append(f.to_ndarray().reshape(-1).astype(np.float32) / 32768.0)
+                    # packed s16, channels interleaved (aiortc's Opus decoder gives stereo): as mono
+                    pcm = f.to_ndarray().reshape(-1, len(f.layout.channels)).mean(axis=1)
+                    self.received.append(pcm.astype(np.float32) / 32768.0)
             except Exception:
                 pass
         self._rx_task = asyncio.ensure_future(rx())

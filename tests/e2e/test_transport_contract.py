@@ -1,0 +1,196 @@
+"""One contract, every transport: SIP, WebRTC, Twilio and Telnyx run the same scenarios against
+the real server with a scripted agent (tests/support/fake_server.py: a 440 Hz tone that falls
+silent for a while after a barge-in):
+- a call with speech both ways (the caller hears the agent's tone; the agent hears the caller);
+- barge-in: the caller's speech over the agent makes what the transport sends go quiet within a
+  frame or two (measured where it leaves: the SIP port, the WebRTC track, the carrier stream) and
+  carriers get `clear`;
+- DTMF reaches call control, counted per transport;
+- hang-up frees the slot with the right reason;
+- refusal: an unknown number is refused the transport's way (SIP 404, HTTP 404, WebSocket 1008).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.support import poll, require, speech_wav
+from tests.support.carriers import TelnyxCaller, TwilioCaller
+from tests.support.server import ServerProcess, http_json, http_text
+from tests.support.webrtc_client import WebRtcCaller
+
+TRANSPORTS = ["sip", "webrtc", "twilio", "telnyx"]
+SIP_CLIENT = Path(__file__).resolve().parents[1] / "support" / "sip_client.py"
+BARGE_IN_BUDGET_S = 0.200  # two frames and a packet: what the caller hears follows the model
+
+
+def run(coro):
+    return asyncio.new_event_loop().run_until_complete(coro)
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory) -> dict[int, Path]:
+    for c in ("espeak-ng", "sox"):
+        require(c)
+    d = tmp_path_factory.mktemp("contract")
+    text = "Hello, this is Omar Torres. I would like to change my pickup day to Thursday please."
+    return {rate: speech_wav(d / f"s{rate}.wav", text, rate) for rate in (8000, 16000, 48000)}
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory, demo_dir):
+    require("pjsua2")
+    tmp = tmp_path_factory.mktemp("fake")
+    srv = ServerProcess(tmp, demo_dir.parent, {
+        "engine": {"max_calls": 2},  # barge-in with the shipped thresholds
+        "personas": {"unknown_numbers": "refuse"},
+        "sip": {"enabled": True, "rtp_port": 26000}, "twilio": {"enabled": True}, "telnyx": {"enabled": True},
+    }, module="tests.support.fake_server", args=["--mode", "tone"])
+    srv.wait_ready()
+    yield srv
+    srv.stop()
+
+
+def tone_share(pcm: np.ndarray, rate: int, hz: float = 440.0) -> float:
+    """How much of the loudest half-second's energy sits at `hz` (the agent's tone heard)."""
+    n = rate // 2
+    best = 0.0
+    for i in range(0, max(1, len(pcm) - n), n // 2):
+        w = pcm[i:i + n]
+        if len(w) < n or float(np.sqrt(np.mean(w ** 2))) < 0.02:
+            continue
+        spec = np.abs(np.fft.rfft(w * np.hanning(n))) ** 2
+        freqs = np.fft.rfftfreq(n, 1 / rate)
+        best = max(best, float(spec[np.abs(freqs - hz) < 15].sum() / spec.sum()))
+    return best
+
+
+def ends_for(srv, endpoint: str) -> list[dict]:
+    return [ln for ln in srv.lines() if ln.get("event") == "call_end" and ln.get("endpoint") == endpoint]
+
+
+def metric(srv, sample: str) -> float:
+    for line in http_text(srv.url + "/metrics").splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+class Driver:
+    """A caller on one transport: `call(number, seconds, dtmf)` -> (answered or refusal, heard pcm, rate)."""
+
+    def __init__(self, transport: str, srv, speech, tmp: Path):
+        self.transport, self.srv, self.speech, self.tmp = transport, srv, speech, tmp
+        self.clears = 0
+        self.refusal = None
+
+    def call(self, number: str, seconds: float = 4.0, dtmf: str = "") -> tuple[bool, np.ndarray, int]:
+        return getattr(self, "_" + self.transport)(number, seconds, dtmf)
+
+    def _sip(self, number, seconds, dtmf):
+        import sphn
+
+        out = self.tmp / f"heard-{number}.wav"
+        cmd = [sys.executable, str(SIP_CLIENT), f"sip:{number}@127.0.0.1:{self.srv.sip_port}",
+               str(self.speech[16000]), str(out), "--seconds", str(seconds), "--codec", "PCMU"]
+        if dtmf:
+            cmd += ["--dtmf", dtmf]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+        summary = json.loads([ln for ln in res.stdout.splitlines() if ln.startswith('{"answered"')][-1])
+        self.refusal = summary["last_code"]
+        if not summary["answered"]:
+            return False, np.zeros(0, np.float32), 16000
+        pcm, sr = sphn.read(str(out))
+        return True, pcm[0], sr
+
+    def _webrtc(self, number, seconds, dtmf):
+        async def go():
+            c = WebRtcCaller(self.srv.url, number, str(self.speech[48000]))
+            status = await c.call()
+            self.refusal = status
+            if status != 200:
+                return False, np.zeros(0, np.float32), 48000
+            await asyncio.sleep(1.5)
+            if dtmf:
+                c.channel.send(json.dumps({"type": "dtmf", "digit": dtmf}))
+            await asyncio.sleep(seconds - 1.5)
+            await c.hangup()
+            return True, np.concatenate(c.received) if c.received else np.zeros(0, np.float32), 48000
+        return run(go())
+
+    def _carrier(self, caller, seconds, dtmf):
+        run(caller.run(seconds, dtmf=[(1.5, dtmf)] if dtmf else []))
+        self.clears = len(caller.clears)
+        self.refusal = caller.close_code
+        answered = caller.close_code != 1008 and caller.agent_seconds > 0.5
+        return answered, caller.agent_pcm, caller.rate
+
+    def _twilio(self, number, seconds, dtmf):
+        return self._carrier(TwilioCaller(self.srv.ws_url + "/twilio/media", parameters={"to": number},
+                                          wav_or_pcm=self.speech[8000]), seconds, dtmf)
+
+    def _telnyx(self, number, seconds, dtmf):
+        return self._carrier(TelnyxCaller(self.srv.ws_url + "/telnyx/media", dialled=number,
+                                          wav_or_pcm=self.speech[8000]), seconds, dtmf)
+
+
+@pytest.fixture
+def driver(request, fake, speech, tmp_path):
+    return Driver(request.param, fake, speech, tmp_path)
+
+
+ENDPOINT = {"sip": "sip", "webrtc": "webrtc", "twilio": "twilio", "telnyx": "telnyx"}
+
+
+@pytest.mark.parametrize("driver", TRANSPORTS, indirect=True)
+def test_call_speech_both_ways_barge_in_and_hang_up(driver, fake):
+    endpoint = ENDPOINT[driver.transport]
+    before = len(ends_for(fake, endpoint))
+    answered, heard, rate = driver.call("1001", seconds=4.0)
+    assert answered, driver.refusal
+    assert tone_share(heard, rate) > 0.5  # the agent's own audio reached the caller
+    end = poll(lambda: ends_for(fake, endpoint), lambda e: len(e) > before, 10)[-1]
+    assert end["reason"] == "caller_hangup" and end["caller_peak"] > 0.05  # the caller reached the agent
+    assert end["barge_ins"] >= 1  # the caller talked over the tone
+    assert poll(lambda: http_json(fake.url + "/readyz")[1]["capacity_left"], lambda c: c == 2, 10) == 2
+    # what the transport sent went quiet within two frames of the barge-in
+    lines = fake.lines()
+    call_lines = [ln for ln in lines if ln.get("call_id") == end["call_id"]]
+    barge = next(ln for ln in call_lines if ln["event"] == "barge_in")
+    t_barge = dt.datetime.fromisoformat(barge["timestamp"].replace("Z", "+00:00")).timestamp()
+    tap = "stream" if driver.transport in ("twilio", "telnyx") else driver.transport
+    quiet = [ln["t"] for ln in lines if ln.get("event") == "tap" and ln["transport"] == tap
+             and not ln["loud"] and ln["t"] >= t_barge - 0.05]
+    assert quiet, "the agent's audio never went quiet after the barge-in"
+    assert quiet[0] - t_barge <= BARGE_IN_BUDGET_S, quiet[0] - t_barge
+    if driver.transport in ("twilio", "telnyx"):
+        assert driver.clears == end["barge_ins"]  # the carrier dropped what it had buffered
+
+
+@pytest.mark.parametrize("driver", TRANSPORTS, indirect=True)
+def test_dtmf_reaches_call_control(driver, fake):
+    endpoint = ENDPOINT[driver.transport]
+    sample = f'personaplex_dtmf_total{{endpoint="{endpoint}"}}'
+    before = metric(fake, sample)
+    answered, _, _ = driver.call("1002", seconds=3.0, dtmf="5")
+    assert answered
+    assert poll(lambda: metric(fake, sample), lambda v: v >= before + 1, 10) == before + 1
+
+
+@pytest.mark.parametrize("driver", TRANSPORTS, indirect=True)
+def test_unknown_number_is_refused_the_transport_way(driver, fake):
+    endpoint = ENDPOINT[driver.transport]
+    sample = f'personaplex_calls_total{{endpoint="{endpoint}",outcome="refused_not_found"}}'
+    before = metric(fake, sample)
+    answered, _, _ = driver.call("5550000", seconds=1.0)
+    assert not answered
+    assert driver.refusal == {"sip": 404, "webrtc": 404, "twilio": 1008, "telnyx": 1008}[driver.transport]
+    assert metric(fake, sample) == before + 1
