@@ -1,9 +1,10 @@
 """Barge-in: noticing that the caller talks over the agent, without being fooled by echo.
 
-Caller speech is detected with Silero VAD (16 kHz, 32 ms chunks, `agent.vad`). A barge-in is declared when
-the caller has spoken for `min_speech_ms` while the agent is speaking, unless the agent started
-speaking less than `agent_guard_ms` ago (a phone line's echo of the agent's own voice arrives
-then); such speech is counted as suppressed.
+Caller speech is detected with Silero VAD (16 kHz, 32 ms chunks, `agent.vad`). A barge-in is
+declared when the caller has spoken for `min_speech_ms` while the agent is speaking, unless that
+speech began less than `agent_guard_ms` after the agent started speaking (a phone line's echo of
+the agent's own voice arrives then); such speech is counted as suppressed. Speech that began
+before the agent started (the caller had the floor) is never taken for echo.
 """
 
 from __future__ import annotations
@@ -54,10 +55,12 @@ class BargeInDetector:
             self.fired = False
         if self.fired or self.speech_ms < self.cfg.min_speech_ms or not self.cfg.enabled:
             return None
-        self.fired = True
         if not self.agent_speaking:
-            return None  # ordinary turn-taking, nothing to interrupt
+            # ordinary turn-taking, nothing to interrupt; decided again while this speech lasts,
+            # so an agent that starts (or resumes) talking over the caller still yields
+            return None
+        self.fired = True
         speech_start = t - self.speech_ms / 1000
-        if (speech_start - self.agent_start_t) * 1000 < self.cfg.agent_guard_ms:
-            return "suppressed"
+        if 0 <= (speech_start - self.agent_start_t) * 1000 < self.cfg.agent_guard_ms:
+            return "suppressed"  # began just after the agent did: its echo on the line
         return "barge_in"

@@ -194,3 +194,42 @@ def test_unknown_number_is_refused_the_transport_way(driver, fake):
     assert not answered
     assert driver.refusal == {"sip": 404, "webrtc": 404, "twilio": 1008, "telnyx": 1008}[driver.transport]
     assert metric(fake, sample) == before + 1
+
+
+@pytest.fixture(scope="module")
+def talking_agent(tmp_path_factory, demo_dir, speech):
+    """The agent says a sentence from its first frame (a 24 kHz espeak recording)."""
+    tmp = tmp_path_factory.mktemp("talker")
+    wav = speech_wav(tmp / "agent.wav", "Thank you for calling CitySan Services, this is Ayelen. "
+                     "How can I help you today?", 24000)
+    srv = ServerProcess(tmp, demo_dir.parent, {"engine": {"max_calls": 1}, "telnyx": {"enabled": True}},
+                        module="tests.support.fake_server", args=["--mode", "speech", "--wav", str(wav)])
+    srv.wait_ready()
+    srv.agent_wav = wav
+    yield srv
+    srv.stop()
+
+
+def barge_ins_of_call(srv, caller_pcm: np.ndarray, seconds: float = 4.0) -> dict:
+    before = len(ends_for(srv, "telnyx"))
+    run(TelnyxCaller(srv.ws_url + "/telnyx/media", dialled="1001", wav_or_pcm=caller_pcm).run(seconds))
+    return poll(lambda: ends_for(srv, "telnyx"), lambda e: len(e) > before, 10)[-1]
+
+
+def test_barge_in_is_not_triggered_by_silence_echo_or_the_agent_alone(talking_agent, speech):
+    """With the shipped thresholds: a silent caller while the agent talks (the agent's audio
+    alone) is no barge-in; neither is the agent's own voice coming back on the line at once (echo
+    within the guard: its first phrase, 12 dB down, 60 ms late); a caller starting well after the
+    agent is one."""
+    from agent.audio_io import read_audio
+
+    silent = barge_ins_of_call(talking_agent, np.zeros(8000 * 4, np.float32))
+    assert silent["barge_ins"] == 0 and silent["barge_ins_suppressed"] == 0
+    first_phrase = read_audio(talking_agent.agent_wav, 8000)[: int(1.6 * 8000)]  # "Thank you for calling"
+    echo = np.concatenate([np.zeros(int(0.06 * 8000), np.float32), 0.25 * first_phrase])
+    echoed = barge_ins_of_call(talking_agent, echo)
+    assert echoed["barge_ins"] == 0 and echoed["barge_ins_suppressed"] >= 1
+    caller_voice = read_audio(speech[8000], 8000)
+    late = np.concatenate([np.zeros(int(1.2 * 8000), np.float32), caller_voice])  # the caller talks over it
+    interrupted = barge_ins_of_call(talking_agent, late)
+    assert interrupted["barge_ins"] >= 1

@@ -1,11 +1,12 @@
 """The real server, every transport and all the call plumbing, with a scripted agent (tests only).
 
-    python -m tests.support.fake_server --config server.yaml [--mode tone|echo]
+    python -m tests.support.fake_server --config server.yaml [--mode tone|echo|speech --wav W]
 
 The model is replaced, once the call path is warm, by a script whose output a test can check
 exactly: `tone` speaks a 440 Hz tone and, like a model yielding the turn, falls silent for
-QUIET_S after each barge-in; `echo` returns the caller's own frame (what the latency benchmark
-uses). Everything else is the product: admission, legs, VAD, barge-in flushing, pacing.
+QUIET_S after each barge-in; `speech` says the sentence in `--wav` (24 kHz) once, from the
+call's first frame; `echo` returns the caller's own frame (what the latency benchmark uses).
+Everything else is the product: admission, legs, VAD, barge-in flushing, pacing.
 
 It also taps what each transport sends (the SIP port's frames, the WebRTC track's frames, the
 carrier streams' media) and logs, per transport, when the agent's audio turns loud or quiet
@@ -32,14 +33,14 @@ LOUD = 0.05  # rms above which a packet counts as the agent talking
 log = structlog.get_logger("fake")
 
 
-def scripted(scheduler, mode: str) -> None:
+def scripted(scheduler, mode: str, sentence: np.ndarray | None = None) -> None:
     """Replace the engine's step for live calls (prompt steps stay real: calls start as usual)."""
     from agent.engine import FrameOut
     from agent.generator import Phase
 
     engine = scheduler.engine
     real = engine.step
-    phase: dict[int, int] = {}
+    phase: dict[str, int] = {}  # frames each call's agent has said
     quiet_until: dict[str, float] = {}
     seen_gen: dict[str, int] = {}
     t = np.arange(FRAME) / SAMPLE_RATE
@@ -48,14 +49,22 @@ def scripted(scheduler, mode: str) -> None:
         if mode == "echo":
             return np.asarray(feed.get(slot, np.zeros(FRAME, np.float32)), dtype=np.float32)
         sess = scheduler._calls.get(slot)
+        key = sess.call_id if sess is not None else str(slot)
+        if mode == "speech":
+            k = phase.get(key, 0)
+            phase[key] = k + 1
+            out = np.zeros(FRAME, np.float32)
+            piece = sentence[k * FRAME:(k + 1) * FRAME]
+            out[: len(piece)] = piece
+            return out
         now = time.monotonic()
         if sess is not None and sess.generation != seen_gen.get(sess.call_id, 0):
             seen_gen[sess.call_id] = sess.generation
             quiet_until[sess.call_id] = now + QUIET_S  # interrupted: yield the turn for a while
         if sess is not None and now < quiet_until.get(sess.call_id, 0):
             return np.zeros(FRAME, np.float32)
-        k = phase.get(slot, 0)
-        phase[slot] = k + 1
+        k = phase.get(key, 0)
+        phase[key] = k + 1
         return (TONE_LEVEL * np.sin(2 * np.pi * TONE_HZ * (t + k * FRAME / SAMPLE_RATE))).astype(np.float32)
 
     def step(feed, only=None):
@@ -127,13 +136,19 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", required=True)
-    ap.add_argument("--mode", choices=["tone", "echo"], default="tone")
+    ap.add_argument("--mode", choices=["tone", "echo", "speech"], default="tone")
+    ap.add_argument("--wav", help="the agent's sentence for --mode speech")
     args = ap.parse_args()
     cfg = load_config(args.config, base_dir=Path.cwd())
     configure_logging("json", cfg.logging.level)
     install_taps()
     rt = Runtime(cfg)
-    rt.on_warm.append(lambda r: scripted(r.scheduler, args.mode))
+    sentence = None
+    if args.mode == "speech":
+        from agent.audio_io import read_audio
+
+        sentence = read_audio(args.wav, SAMPLE_RATE)
+    rt.on_warm.append(lambda r: scripted(r.scheduler, args.mode, sentence))
     return asyncio.run(rt.serve_forever())
 
 

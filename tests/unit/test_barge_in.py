@@ -30,3 +30,19 @@ def test_barge_in_detector_logic():
     # agent stops speaking after the release time
     d2.on_agent_frame(quiet, 2.0)
     assert not d2.agent_speaking
+
+
+def test_an_agent_that_starts_talking_over_the_caller_yields():
+    """The caller began while the agent was silent (turn-taking, nothing to do) and is still
+    talking when the agent starts: that is no echo, the agent must yield."""
+    cfg = BargeInConfig(min_speech_ms=160, agent_guard_ms=300)
+    d = BargeInDetector(cfg)
+    loud = np.full(1920, 0.2, np.float32)
+    assert [d.on_vad(0.9, 0.032 * (i + 1)) for i in range(8)] == [None] * 8  # agent silent
+    d.on_agent_frame(loud, 0.3)
+    assert d.on_vad(0.9, 0.3 + 0.032) == "barge_in"
+    # and echo: speech that starts just after the agent did is suppressed, once per segment
+    e = BargeInDetector(cfg)
+    e.on_agent_frame(loud, 1.0)
+    verdicts = [e.on_vad(0.9, 1.06 + 0.032 * (i + 1)) for i in range(10)]
+    assert verdicts.count("suppressed") == 1 and "barge_in" not in verdicts
