@@ -1,17 +1,19 @@
 #!/usr/bin/env python3
 """Latency the transport path adds, with the model replaced by a pass-through (benchmark only).
 
-For WebRTC (aiortc caller) and SIP (pjsua2 caller) it sends tone bursts, echoes caller audio
-straight back through the real endpoint, session, scheduler and playout code, and timestamps
-each burst where the caller's audio enters the server (decoded, before resampling) and where
-the agent's packet leaves it (before encoding). Prints median / p90 / max over the bursts.
-Target: at most one model frame (80 ms) + 20 ms.
+For WebRTC (aiortc caller), SIP (pjsua2 caller) and Twilio Media Streams (a Twilio-speaking
+WebSocket caller) it sends tone bursts, echoes the caller's audio straight back through the real
+endpoint, leg, session, scheduler and playout code (tests/support/fake_server.py, echo mode), and
+timestamps each burst where the caller's audio enters the shared call leg (decoded, before
+resampling) and where the agent's packet leaves the transport (before encoding). Prints median /
+p90 / max over the bursts. Target: at most one model frame (80 ms) + 20 ms.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +29,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 BURST_EVERY_S = 0.5
+INS: list[tuple[float, np.ndarray]] = []
+OUTS: list[tuple[float, np.ndarray]] = []
 
 
 def bursts(rate: int, seconds: float) -> np.ndarray:
@@ -50,33 +54,69 @@ def onsets(events: list[tuple[float, np.ndarray]], thr: float = 0.3, gap_s: floa
     return out
 
 
-def pass_through(engine) -> None:
-    """Live calls get their own caller frame back instead of the model's output."""
-    from agent.engine import FrameOut
-    from agent.generator import Phase
+def install_taps() -> None:
+    """Caller audio where it enters the shared leg; agent audio where each transport sends it."""
+    import telephony.leg as leg
+    import telephony.media_stream as ms
+    import telephony.sip.port as sipport
+    import telephony.webrtc.tracks as tracks
 
-    real = engine.step
+    real_in, real_frame_in = leg.CallLeg.audio_in, leg.CallLeg.frame_in
 
-    def step(feed, only=None):
-        rows = engine.generator.stepping_rows(only)
-        if rows and all(engine.generator.slots[b].phase is Phase.LIVE for b in rows):
-            return {b: FrameOut(pcm=np.asarray(feed.get(b, np.zeros(1920, np.float32))), text_token=3, text=None,
-                                tokens=np.zeros(17, np.int64), first=False) for b in rows}
-        return real(feed, only)
-    engine.step = step
+    def audio_in(self, pcm):
+        INS.append((time.monotonic(), np.asarray(pcm)))
+        return real_in(self, pcm)
+
+    def frame_in(self, frame):
+        INS.append((time.monotonic(), frame.to_ndarray().reshape(-1) / 32768.0))
+        return real_frame_in(self, frame)
+    leg.CallLeg.audio_in, leg.CallLeg.frame_in = audio_in, frame_in
+    real_recv = tracks.AgentAudioTrack.recv
+
+    async def recv(self):
+        frame = await real_recv(self)
+        OUTS.append((time.monotonic(), frame.to_ndarray().reshape(-1) / 32768.0))
+        return frame
+    tracks.AgentAudioTrack.recv = recv
+    real_req = sipport.CallAudioPort.onFrameRequested
+
+    def on_req(self, frame):
+        real_req(self, frame)
+        OUTS.append((time.monotonic(), np.frombuffer(bytes(frame.buf), dtype="<i2") / 32768.0))
+    sipport.CallAudioPort.onFrameRequested = on_req
+    real_encode = ms.StreamLeg.__init__
+
+    def init(self, *a, **kw):
+        real_encode(self, *a, **kw)
+        encode = self.proto.encode_media
+
+        def tapped(pcm):
+            OUTS.append((time.monotonic(), np.asarray(pcm)))
+            return encode(pcm)
+        self.proto.encode_media = tapped
+    ms.StreamLeg.__init__ = init
 
 
-def make_runtime(sip_port: int | None, http_port: int):
+def free_port(kind=socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_runtime(http_port: int, sip_port: int | None = None):
     from agent.server.config import ServerConfig
     from agent.server.runtime import Runtime
+    from tests.support.fake_server import scripted
 
     cfg = ServerConfig.model_validate({
         "model": {"source": "demo", "device": "cpu"}, "personas": {"dir": str(ROOT / "personas")},
         "engine": {"max_calls": 2, "barge_in": {"enabled": False}},
         "http": {"host": "127.0.0.1", "port": http_port},
         "sip": {"enabled": sip_port is not None, "port": sip_port or 5060, "rtp_port": 23000},
-        "logging": {"format": "json", "level": "warning"}})
-    return Runtime(cfg)
+        "twilio": {"enabled": True}, "logging": {"format": "json", "level": "warning"}})
+    rt = Runtime(cfg)
+    rt.on_warm.append(lambda r: scripted(r.scheduler, "echo"))
+    return rt
 
 
 def report(name: str, ins: list[float], outs: list[float]) -> None:
@@ -99,36 +139,13 @@ def report(name: str, ins: list[float], outs: list[float]) -> None:
 async def bench_webrtc(seconds: float) -> None:
     import sphn
 
-    import telephony.webrtc.endpoint as wep
-    import telephony.webrtc.tracks as tracks
-    from tests.helpers_server import free_port
-    from tests.webrtc_client import WebRtcCaller
+    from tests.support.webrtc_client import WebRtcCaller
 
-    ins: list[tuple[float, np.ndarray]] = []
-    outs: list[tuple[float, np.ndarray]] = []
-    real_resampler = getattr(wep, "_real_FrameResampler", wep.FrameResampler)
-    wep._real_FrameResampler = real_resampler
-
-    class TapResampler(real_resampler):
-        def __call__(self, frame):
-            pcm = super().__call__(frame)
-            ins.append((time.monotonic(), pcm))
-            return pcm
-    wep.FrameResampler = TapResampler
-    real_recv = getattr(tracks, "_real_recv", tracks.AgentAudioTrack.recv)
-    tracks._real_recv = real_recv
-
-    async def recv(self):
-        frame = await real_recv(self)
-        outs.append((time.monotonic(), frame.to_ndarray().reshape(-1) / 32768.0))
-        return frame
-    tracks.AgentAudioTrack.recv = recv
-
+    INS.clear()
+    OUTS.clear()
     port = free_port()
-    rt = make_runtime(None, port)
+    rt = make_runtime(port)
     await rt.start()
-    pass_through(rt.scheduler.engine)
-    rt.scheduler.wait_idle(60)
     with tempfile.TemporaryDirectory() as d:
         wav = os.path.join(d, "bursts.wav")
         sphn.write_wav(wav, bursts(48000, seconds), 48000)
@@ -137,7 +154,22 @@ async def bench_webrtc(seconds: float) -> None:
         await asyncio.sleep(seconds + 1)
         await caller.hangup()
     await rt.drain_and_stop()
-    report("WebRTC path (decoded caller packet in -> agent packet out)", onsets(ins), onsets(outs))
+    report("WebRTC path (decoded caller packet in -> agent packet out)", onsets(INS), onsets(OUTS))
+
+
+async def bench_twilio(seconds: float) -> None:
+    from tests.support.carriers import TwilioCaller
+
+    INS.clear()
+    OUTS.clear()
+    port = free_port()
+    rt = make_runtime(port)
+    await rt.start()
+    caller = TwilioCaller(f"ws://127.0.0.1:{port}/twilio/media", parameters={"to": "1001"},
+                          wav_or_pcm=bursts(8000, seconds))
+    await caller.run(seconds + 0.5)
+    await rt.drain_and_stop()
+    report("Twilio path (decoded media frame in -> media frame out, u-law 8 kHz)", onsets(INS), onsets(OUTS))
 
 
 def bench_sip(seconds: float) -> None:
@@ -148,45 +180,21 @@ def bench_sip(seconds: float) -> None:
     except ImportError:
         print("SIP: pjsua2 not installed (scripts/build_pjsua2.sh); skipped")
         return
-    import telephony.sip.call as sipcall
-    import telephony.sip.port as sipport
-    from tests.helpers_server import free_port
-
-    ins: list[tuple[float, np.ndarray]] = []
-    outs: list[tuple[float, np.ndarray]] = []
-    real_push = getattr(sipcall, "_real_push", sipcall.Capture.push)
-    sipcall._real_push = real_push
-
-    def push(self, pcm):
-        ins.append((time.monotonic(), pcm))
-        return real_push(self, pcm)
-    sipcall.Capture.push = push
-    real_req = getattr(sipport, "_real_req", sipport.CallAudioPort.onFrameRequested)
-    sipport._real_req = real_req
-
-    def on_req(self, frame):
-        real_req(self, frame)
-        outs.append((time.monotonic(), np.frombuffer(bytes(frame.buf), dtype="<i2") / 32768.0))
-    sipport.CallAudioPort.onFrameRequested = on_req
-
-    import socket
-
-    sip_port = free_port(socket.SOCK_DGRAM)
-    http_port = free_port()
+    INS.clear()
+    OUTS.clear()
+    sip_port, http_port = free_port(socket.SOCK_DGRAM), free_port()
     loop = asyncio.new_event_loop()
-    rt = make_runtime(sip_port, http_port)
+    rt = make_runtime(http_port, sip_port)
     loop.run_until_complete(rt.start())
-    pass_through(rt.scheduler.engine)
     threading.Thread(target=loop.run_forever, daemon=True).start()
-    rt.scheduler.wait_idle(60)
     with tempfile.TemporaryDirectory() as d:
         wav = os.path.join(d, "bursts16.wav")
         sphn.write_wav(wav, bursts(16000, seconds), 16000)
-        subprocess.run([sys.executable, str(ROOT / "tests" / "sip_client.py"), f"sip:1001@127.0.0.1:{sip_port}",
-                        wav, os.path.join(d, "heard.wav"), "--seconds", str(seconds), "--codec", "PCMU"],
-                       capture_output=True, timeout=seconds + 60)
+        subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "sip_client.py"),
+                        f"sip:1001@127.0.0.1:{sip_port}", wav, os.path.join(d, "heard.wav"),
+                        "--seconds", str(seconds), "--codec", "PCMU"], capture_output=True, timeout=seconds + 60)
     asyncio.run_coroutine_threadsafe(rt.drain_and_stop(), loop).result(30)
-    report("SIP path (port frame in -> port frame out, PCMU)", onsets(ins), onsets(outs))
+    report("SIP path (port frame in -> port frame out, PCMU)", onsets(INS), onsets(OUTS))
 
 
 def main() -> None:
@@ -197,12 +205,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--repeat", type=int, default=3, help="calls per transport (the clock phases differ per call)")
+    ap.add_argument("--transports", default="webrtc,sip,twilio")
     args = ap.parse_args()
     configure_logging("json", "warning")
+    install_taps()
+    wanted = args.transports.split(",")
     for _ in range(args.repeat):
-        asyncio.run(bench_webrtc(args.seconds))
-    for _ in range(args.repeat):
-        bench_sip(args.seconds)
+        if "webrtc" in wanted:
+            asyncio.run(bench_webrtc(args.seconds))
+        if "twilio" in wanted:
+            asyncio.run(bench_twilio(args.seconds))
+    if "sip" in wanted:  # one pjsua2 library per process: SIP runs after the others
+        for _ in range(args.repeat):
+            bench_sip(args.seconds)
 
 
 if __name__ == "__main__":
