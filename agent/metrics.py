@@ -46,6 +46,8 @@ class Metrics:
         self.calls_at_context_limit = Counter("personaplex_calls_at_context_limit_total",
                                               "Calls that reached the model's context limit", registry=r)
         self.dtmf = Counter("personaplex_dtmf_total", "DTMF digits received", ["endpoint"], registry=r)
+        self.datachannel_dropped = Counter("personaplex_datachannel_dropped_total",
+                                           "Page messages dropped (too_large, too_fast)", ["reason"], registry=r)
         self.context_lookups = Counter("personaplex_context_lookups_total",
                                        "CRM context lookups by outcome (ok, timeout, error, invalid, too_large)",
                                        ["outcome"], registry=r)

@@ -22,7 +22,8 @@ from agent.personas.safe_yaml import Located
 from agent.sampling import SamplingParams
 
 KINDS = ("service", "assistant", "casual", "prompt")
-COMMON_FIELDS = {"id", "kind", "numbers", "voice", "sampling", "transfer", "default", "description", "variables"}
+COMMON_FIELDS = {"id", "kind", "numbers", "voice", "sampling", "transfer", "default", "description", "variables",
+                 "browser"}
 LIST_FIELDS = ("information", "background")  # per-call: an item whose placeholders are all unknown is left out
 KIND_FIELDS = {
     "service": {"company", "business", "agent_name", "information"},
@@ -92,6 +93,7 @@ class Persona:
     default: bool = False
     description: str | None = None
     variables: dict = field(default_factory=dict, hash=False, compare=True)  # name -> default ("" = unknown)
+    browser: bool = False  # offered to browser callers on the public page
     # the kind's text fields as templates (a tuple for list fields); None: no placeholders anywhere
     templates: dict | None = field(default=None, hash=False, compare=False, repr=False)
 
@@ -202,6 +204,14 @@ class _Checker:
             self.err(name, "must not be empty")
             return None
         return v
+
+    def flag(self, name: str) -> bool:
+        if name not in self.fields:
+            return False
+        if not isinstance(self.fields[name].value, bool):
+            self.err(name, "must be true or false")
+            return False
+        return self.fields[name].value
 
     def text_list(self, name: str, required: bool) -> list[str] | None:
         if name not in self.fields:
@@ -337,12 +347,8 @@ def parse_persona(path: Path, fields: dict[str, Located], doc_line: int, voices:
                 c.err("transfer", f"dtmf {dtmf!r} must be one key: 0-9, *, # or A-D")
             transfer = Transfer(target, dtmf)
 
-    is_default = False
-    if "default" in fields:
-        if not isinstance(fields["default"].value, bool):
-            c.err("default", "must be true or false")
-        else:
-            is_default = fields["default"].value
+    is_default = c.flag("default")
+    browser = c.flag("browser")
     description = c.text("description", False)
     if not numbers and not is_default and "numbers" in fields:
         c.err("numbers", "is empty: list the numbers this persona answers (or set default: true)")
@@ -354,7 +360,7 @@ def parse_persona(path: Path, fields: dict[str, Located], doc_line: int, voices:
     persona = Persona(id=pid, kind=kind, numbers=tuple(numbers), voice=voice or "", prompt="",
                       source=str(path), company=kf.get("company"), agent_name=kf.get("agent_name"),
                       sampling_overrides=overrides, transfer=transfer, default=is_default, description=description,
-                      variables=declared, templates=templates)
+                      variables=declared, templates=templates, browser=browser)
     default_prompt = persona.render().text if templates is not None else render_prompt(kind, kf)
     return replace(persona, prompt=default_prompt)
 

@@ -32,9 +32,35 @@ def cmd_config_check(args) -> int:
     import sys
 
     from agent.server.config import load_config
+    from agent.server.config_check import warnings
 
-    load_config(args.config)
-    sys.stdout.write(f"ok: {args.config}\n")
+    cfg = load_config(args.config)
+    found = warnings(cfg)
+    for w in found:
+        sys.stdout.write(f"warning: {w}\n")
+    sys.stdout.write(f"ok: {args.config}" + (f" ({len(found)} warning(s))" if found else "") + "\n")
+    return 0
+
+
+def cmd_token_mint(args) -> int:
+    """A signed browser-call token, as a company's backend would make it."""
+    import os
+    import sys
+
+    from agent.context import clean_variables
+    from agent.personas.cli import _vars
+    from agent.security.tokens import mint
+
+    env = args.secret_env
+    if args.config:
+        from agent.server.config import load_config
+
+        env = load_config(args.config).webrtc.tokens.secret_env or env
+    secret = os.environ.get(env)
+    if not secret:
+        sys.stderr.write(f"error: set the shared secret in ${env} (webrtc.tokens.secret_env)\n")
+        return 2
+    sys.stdout.write(mint(secret, args.persona, args.ttl, clean_variables(_vars(args.var))) + "\n")
     return 0
 
 
@@ -46,6 +72,15 @@ def register(sub) -> None:
     p.add_argument("--ssl", metavar="DIR", help="serve HTTPS with a temporary self-signed certificate kept in DIR "
                    "(browsers need a secure context for the microphone off localhost)")
     p.set_defaults(func=cmd_serve)
+    t = sub.add_parser("token", help="signed browser-call tokens")
+    tsub = t.add_subparsers(dest="token_command", required=True)
+    m = tsub.add_parser("mint", help="print a call token (JWT HS256) for a persona")
+    m.add_argument("--persona", required=True, help="persona id or number the call may go to")
+    m.add_argument("--ttl", type=int, default=60, help="seconds the token is valid")
+    m.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="a context variable (repeatable)")
+    m.add_argument("--secret-env", default="PERSONAPLEX_TOKEN_SECRET", help="environment variable with the secret")
+    m.add_argument("--config", help="take webrtc.tokens.secret_env from this server config")
+    m.set_defaults(func=cmd_token_mint)
     c = sub.add_parser("config-check", help="validate a server config file")
     c.add_argument("config")
     c.set_defaults(func=cmd_config_check)

@@ -86,9 +86,31 @@ class HttpConfig(_Strict):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8998, ge=0, le=65535)
+    # proxies of ours (e.g. the HAProxy in front) whose X-Forwarded-For is believed for the
+    # client's address; nobody else's is
+    trusted_proxies: list[str] = []
     ssl_dir: Path | None = None  # a folder: a temporary self-signed certificate is made there
     cert_file: Path | None = None
     key_file: Path | None = None
+
+
+class CallTokens(_Strict):
+    """Signed browser-call tokens (JWT HS256, agent/security/tokens.py)."""
+
+    secret_env: str | None = None  # environment variable holding the shared secret
+    required: bool = False  # true: /api/call without a valid token gets 401
+    max_ttl_s: int = Field(300, ge=10, le=86400)
+
+
+class ClientLimitsConfig(_Strict):
+    """Per source address (agent/security/limits.py)."""
+
+    enabled: bool = True
+    concurrent_calls: int = Field(2, ge=1)
+    attempts_per_minute: int = Field(10, ge=1)
+    max_offer_bytes: int = Field(64 * 1024, ge=4096, le=16 * 1024 * 1024)
+    channel_max_bytes: int = Field(4096, ge=64)  # data-channel messages larger are dropped
+    channel_max_per_s: int = Field(20, ge=1)  # and beyond this many a second
 
 
 class WebRtcConfig(_Strict):
@@ -102,6 +124,16 @@ class WebRtcConfig(_Strict):
     # off the loopback address it needs `Authorization: Bearer $<playground_token_env>`
     playground: bool = False
     playground_token_env: str = "PERSONAPLEX_PLAYGROUND_TOKEN"
+    tokens: CallTokens = CallTokens()
+    limits: ClientLimitsConfig = ClientLimitsConfig()
+
+
+class OpsConfig(_Strict):
+    """The operators' listener: /metrics, /api/calls, persona problems (never on the public port)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(9100, ge=0, le=65535)
+    token_env: str | None = None  # when set: those endpoints need `Authorization: Bearer $<token_env>`
 
 
 class ContextConfig(_Strict):
@@ -222,6 +254,7 @@ class ServerConfig(_Strict):
     twilio: TwilioConfig = TwilioConfig()
     telnyx: TelnyxConfig = TelnyxConfig()
     context: ContextConfig = ContextConfig()
+    ops: OpsConfig = OpsConfig()
     logging: LoggingConfig = LoggingConfig()
     recording: RecordingConfig = RecordingConfig()
     drain_timeout_s: float = Field(30.0, ge=0)

@@ -148,7 +148,7 @@ class Runtime:
     def build_app(self) -> web.Application:
         from agent.server.http import add_ops_routes
 
-        app = web.Application()
+        app = web.Application(client_max_size=self.cfg.webrtc.limits.max_offer_bytes)  # bigger: 413
         app["runtime"] = self
         add_ops_routes(app)
         if self.cfg.webrtc.enabled:

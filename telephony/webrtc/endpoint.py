@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 import structlog
@@ -21,7 +22,9 @@ from aiortc.mediastreams import MediaStreamError
 
 from agent.events import CallEvent, EndReason
 from agent.session import CallSession
-from telephony.admission import HTTP_STATUS, CallRequest, Refusal
+from agent.security.limits import ClientLimits, MessageLimiter, client_address
+from agent.security.tokens import TokenRejected, TokenVerifier
+from telephony.admission import HTTP_STATUS, CallRequest, Refusal, RefusalKind
 from telephony.leg import CallLeg
 from agent.personas.schema import PersonaError
 from telephony.webrtc.offer import drop_mdns_candidates
@@ -35,10 +38,13 @@ NAME = "webrtc"
 
 
 class WebRtcLeg(CallLeg):
-    def __init__(self, endpoint: "WebRtcEndpoint", pc: RTCPeerConnection, session: CallSession):
+    def __init__(self, endpoint: "WebRtcEndpoint", pc: RTCPeerConnection, session: CallSession, client: str):
         super().__init__(session, endpoint=NAME, metrics=endpoint.runtime.metrics, in_rate=None, out_rate=RATE,
                          out_packet=PACKET)
         self.owner = endpoint
+        self.client = client  # the caller's address (per-client limits)
+        lim = endpoint.runtime.cfg.webrtc.limits
+        self.messages = MessageLimiter(lim.channel_max_bytes, lim.channel_max_per_s)
         self.pc = pc
         self.loop = asyncio.get_running_loop()
         self.channel = None
@@ -75,6 +81,10 @@ class WebRtcLeg(CallLeg):
 
         @channel.on("message")
         def on_message(message) -> None:
+            dropped = self.messages.admit(message)
+            if dropped is not None:  # junk, huge or a flood: never reaches call control
+                self.metrics.datachannel_dropped.labels(dropped).inc()
+                return
             msg = decode_page_message(message)
             if isinstance(msg, PageHangup):
                 self.hangup(EndReason.CALLER_HANGUP)
@@ -124,6 +134,7 @@ class WebRtcLeg(CallLeg):
         self.closed = True
         self.hangup(EndReason.CLOSED)
         self.owner.calls.discard(self)
+        self.owner.limits.ended(self.client, self.session.call_id)
         try:
             await self.pc.close()
         except Exception:
@@ -149,6 +160,12 @@ class WebRtcEndpoint:
         self.runtime = runtime
         self.calls: set[WebRtcLeg] = set()
         self.playground = Playground(runtime)
+        cfg = runtime.cfg.webrtc
+        self.limits = ClientLimits(cfg.limits.concurrent_calls, cfg.limits.attempts_per_minute)
+        secret = os.environ.get(cfg.tokens.secret_env) if cfg.tokens.secret_env else None
+        if cfg.tokens.required and not secret:
+            raise ValueError(f"webrtc.tokens.required is on but {cfg.tokens.secret_env or 'secret_env'} is not set")
+        self.tokens = TokenVerifier(secret, cfg.tokens.max_ttl_s) if secret else None
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/api/call", self.offer)
@@ -160,8 +177,41 @@ class WebRtcEndpoint:
     async def index(self, request: web.Request) -> web.StreamResponse:
         return web.FileResponse(STATIC / "index.html")
 
+    def _limited(self, client: str) -> web.Response | None:
+        if not self.runtime.cfg.webrtc.limits.enabled:
+            return None
+        limited = self.limits.attempt(client)
+        if limited is None:
+            return None
+        refusal = self.runtime.admission.refuse(NAME, RefusalKind.LIMITED, limited.reason, limited.retry_after)
+        return refusal_response(refusal)
+
+    def _grant(self, request: web.Request, body: dict, target: str):
+        """The call token's grant (None: no token system, or none needed), or a 401 response."""
+        if self.tokens is None:
+            return None
+        header = request.headers.get("Authorization", "")
+        token = body.get("token") or (header[7:] if header.startswith("Bearer ") else None)
+        if not token and not self.runtime.cfg.webrtc.tokens.required:
+            return None
+        route = self.runtime.route
+        try:
+            return self.tokens.verify(str(token) if token else None, target or None,
+                                      matches=lambda asked, granted: route(asked) is not None
+                                      and route(asked) is route(granted))
+        except TokenRejected as exc:
+            self.runtime.metrics.calls_total.labels(NAME, f"refused_token_{exc.reason}").inc()
+            log.info("call_token_rejected", reason=exc.reason)
+            return web.json_response({"error": "unauthorized", "reason": exc.reason, "detail": exc.detail},
+                                     status=401, headers={"WWW-Authenticate": "Bearer"})
+
     async def offer(self, request: web.Request) -> web.Response:
         rt = self.runtime
+        client = client_address(request.remote, request.headers.get("X-Forwarded-For"),
+                                rt.cfg.http.trusted_proxies)
+        limited = self._limited(client)
+        if limited is not None:
+            return limited
         try:
             body = await request.json()
             offer = RTCSessionDescription(sdp=str(body["sdp"]), type=str(body.get("type", "offer")))
@@ -173,6 +223,11 @@ class WebRtcEndpoint:
         context = body.get("context")
         if context is not None and not isinstance(context, dict):
             return bad_request("context must be a JSON object of variables")
+        grant = self._grant(request, body, target)
+        if isinstance(grant, web.Response):
+            return grant
+        if grant is not None:  # the company's backend said who may call and what the agent knows
+            target, context = target or grant.persona, grant.context
         persona = None
         if "playground" in body:  # ops staff trying a prompt: trusted once the playground lets them in
             refused = self.playground.refusal(request)
@@ -183,7 +238,7 @@ class WebRtcEndpoint:
             except PersonaError as exc:
                 return web.json_response({"error": "invalid_persona", "reason": "the prompt form has problems",
                                           "problems": [str(i) for i in exc.issues]}, status=400)
-        elif context and not rt.cfg.webrtc.client_context:
+        elif context and grant is None and not rt.cfg.webrtc.client_context:
             # browser callers are untrusted: their context is not the agent's knowledge
             log.info("client_context_ignored", variables=sorted(str(k) for k in context)[:20])
             context = None
@@ -193,8 +248,9 @@ class WebRtcEndpoint:
         session = admitted
         ice = [RTCIceServer(urls=u) for u in rt.cfg.webrtc.ice_servers]
         pc = RTCPeerConnection(RTCConfiguration(iceServers=ice) if ice else None)
-        leg = WebRtcLeg(self, pc, session)
+        leg = WebRtcLeg(self, pc, session, client)
         self.calls.add(leg)
+        self.limits.started(client, session.call_id)
         clean = drop_mdns_candidates(offer.sdp)
         if clean.mdns_dropped:
             session.log.info("webrtc_mdns_candidates_dropped", count=clean.mdns_dropped)

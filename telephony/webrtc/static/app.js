@@ -122,7 +122,9 @@ async function call(playground = null) {
   let res;
   try {
     const offer = { sdp: pc.localDescription.sdp, type: pc.localDescription.type };
+    const token = callToken();
     if (playground) offer.playground = playground;
+    else if (token) offer.token = token;  // the token says which line: the site decided
     else offer.persona = $("persona").value;
     res = await fetch("/api/call", {
       method: "POST", headers: { "Content-Type": "application/json", ...playgroundAuth() }, body: JSON.stringify(offer),
@@ -135,7 +137,9 @@ async function call(playground = null) {
   const body = await res.json();
   if (!res.ok) {
     const msg = res.status === 503 ? `Server busy: ${body.reason}. Try again in ${body.retry_after || 5} s.`
-                                   : `Call refused: ${body.reason}`;
+      : res.status === 401 ? `Cannot call: ${TOKEN_REASONS[body.reason] || body.reason}.`
+      : res.status === 429 ? `Too many calls from here: ${body.reason}. Try again in ${body.retry_after || 60} s.`
+      : `Call refused: ${body.reason}`;
     status(msg, true);
     showProblems(body.problems || []);
     stats.state = body.error;
@@ -167,6 +171,23 @@ function hangup() {
   status("Call ended.");
   stats.state = "hung_up";
   setTimeout(cleanup, 200);
+}
+
+// -- signed call tokens: from the embedding site (window.personaplexToken) or the URL (#token=...) --
+const TOKEN_REASONS = {
+  missing: "this agent needs a call link from the company's website",
+  expired: "the call link has expired, get a new one",
+  reused: "the call link was already used",
+  bad_signature: "the call link is not valid",
+  persona_not_allowed: "the call link is for another line",
+  invalid: "the call link is not valid",
+  ttl_too_long: "the call link is not valid",
+};
+
+function callToken() {
+  if (window.personaplexToken) return String(window.personaplexToken);
+  const m = location.hash.match(/(?:^#|&)token=([^&]+)/);
+  return m ? decodeURIComponent(m[1]) : null;
 }
 
 // -- the prompt playground (shown when the server has it on) --------------------------------------
