@@ -17,11 +17,10 @@ from typing import Any
 from moshi.models import loaders as _moshi_loaders
 
 from agent.errors import ModelUnavailable
+from agent.timebase import AUDIO_CODEBOOKS  # agent and caller each have 8 Mimi codebooks
 
 ARCH_FILE = "personaplex_arch.json"
 
-#: Codebooks per audio stream (agent and caller each have 8 Mimi codebooks).
-AUDIO_CODEBOOKS = 8
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import structlog
 import torch
 from safetensors.torch import save_file
 
+from agent.timebase import AUDIO_CODEBOOKS, FRAME, FRAME_RATE, SAMPLE_RATE
 from agent.voices import STOCK_VOICES
 
 log = structlog.get_logger(__name__)
@@ -48,7 +49,7 @@ DEMO_ARCH = {
                         "context": 250, "conv_layout": True, "max_period": 10000, "gating": "none",
                         "norm": "layer_norm", "positional_embedding": "rope", "dim_feedforward": 64,
                         "input_dimension": 32, "output_dimensions": [32]},
-        "sample_rate": 24000, "frame_rate": 12.5, "num_codebooks": 8,
+        "sample_rate": SAMPLE_RATE, "frame_rate": FRAME_RATE, "num_codebooks": AUDIO_CODEBOOKS,
     },
 }
 
@@ -118,7 +119,7 @@ def _build_mimi(cfg: dict) -> torch.nn.Module:
     return mimi
 
 
-def _voice_audio(index: int, seconds: float = 2.0, sr: int = 24000) -> np.ndarray:
+def _voice_audio(index: int, seconds: float = 2.0, sr: int = SAMPLE_RATE) -> np.ndarray:
     """A distinct synthetic 'voice' per stock name: a glottal-ish pulse train with vibrato."""
     rng = np.random.default_rng(_SEED + 100 + index)
     t = np.arange(int(seconds * sr)) / sr
@@ -129,7 +130,7 @@ def _voice_audio(index: int, seconds: float = 2.0, sr: int = 24000) -> np.ndarra
     return (0.2 * sig / np.abs(sig).max()).astype(np.float32)
 
 
-def _encode(mimi: torch.nn.Module, pcm: np.ndarray, frame: int = 1920) -> torch.Tensor:
+def _encode(mimi: torch.nn.Module, pcm: np.ndarray, frame: int = FRAME) -> torch.Tensor:
     n = len(pcm) // frame
     out = []
     with torch.no_grad(), mimi.streaming(1):

@@ -33,8 +33,8 @@ class SipLeg(CallLeg):
     can_transfer = True
 
     def __init__(self, call: "SipCall", session: CallSession):
-        self.endpoint_obj, self.call_id = call.endpoint, call.getId()
-        endpoint, call_id = self.endpoint_obj, self.call_id
+        self.sip, self.call_id = call.endpoint, call.getId()
+        endpoint, call_id = self.sip, self.call_id
 
         def hop(ev) -> None:  # engine/VAD thread -> SIP thread, by call id
             endpoint.post(lambda: endpoint.with_call(call_id, lambda c: c.leg.on_event(ev)))
@@ -63,7 +63,7 @@ class SipLeg(CallLeg):
     def start_transfer(self, target: str) -> None:
         # after the current callback returns, so the request that carried the digit (INFO) is
         # answered before the REFER goes out
-        endpoint, call_id = self.endpoint_obj, self.call_id
+        endpoint, call_id = self.sip, self.call_id
         endpoint.post(lambda: endpoint.with_call(call_id, lambda c: c.start_transfer(target)))
 
 
