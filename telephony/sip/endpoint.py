@@ -225,9 +225,9 @@ class SipEndpoint:
             self.ep = None
 
     # -- incoming calls (SIP thread) ----------------------------------------------------------
-    def _refuse(self, call: SipCall, refusal: Refusal) -> None:
-        code, reason = SIP_STATUS[refusal.kind]
-        if refusal.kind is RefusalKind.BUSY and self.cfg.busy_code != code:
+    def _refuse(self, call: SipCall, refusal: Refusal, status: tuple[int, str] | None = None) -> None:
+        code, reason = status or SIP_STATUS[refusal.kind]
+        if status is None and refusal.kind is RefusalKind.BUSY and self.cfg.busy_code != code:
             code, reason = self.cfg.busy_code, "Service Unavailable"
         op = pj.CallOpParam()
         op.statusCode = code
@@ -238,7 +238,11 @@ class SipEndpoint:
             h.hValue = str(refusal.retry_after)
             op.txOption.headers.append(h)
         call.refused = True
-        call.answer(op)
+        # Answered after onIncomingCall returns, not inside it: a final answer given inside the
+        # callback to an INVITE without an SDP offer (late offer, legal SIP) makes pjsua free the
+        # request twice and abort the process (pjsip_rx_data_free_cloned: Assertion `rdata').
+        call_id = call.getId()
+        self.post(lambda: self.with_call(call_id, lambda c: c.answer(op)))
 
     def incoming(self, account: _Account, prm) -> None:
         rt = self.runtime
@@ -255,10 +259,7 @@ class SipEndpoint:
                                                       variables=header_variables(msg, self.cfg.context_headers)))
         except Exception:
             log.exception("sip_call_setup_failed", number=number, source=src)
-            op = pj.CallOpParam()
-            op.statusCode = 500
-            call.refused = True
-            return call.answer(op)
+            return self._refuse(call, Refusal(RefusalKind.UNAVAILABLE, "setup failed"), status=(500, "Server Error"))
         if isinstance(admitted, Refusal):
             return self._refuse(call, admitted)
         call.attach(admitted)
@@ -266,4 +267,5 @@ class SipEndpoint:
         op.statusCode = 180
         call.answer(op)
         if admitted.state is CallState.LIVE:  # the first frame was ready before we rang
-            call.answer_ok()
+            call_id = call.getId()  # (after this callback: see _refuse)
+            self.post(lambda: self.with_call(call_id, lambda c: c.answer_ok()))

@@ -216,7 +216,7 @@ class WebRtcEndpoint:
             body = await request.json()
             offer = RTCSessionDescription(sdp=str(body["sdp"]), type=str(body.get("type", "offer")))
             target = str(body.get("persona") or body.get("number") or "")
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # RecursionError: deep JSON
             return bad_request("expected JSON {sdp, type, persona}")
         if offer.type != "offer" or "m=audio" not in offer.sdp:
             return bad_request("expected an SDP offer with an audio stream")

@@ -108,7 +108,7 @@ class Playground:
             spec = dict(body.get("persona") or {})
             persona_id = str(body.get("id") or "my-persona")
             numbers = [str(n) for n in body.get("numbers") or []]
-        except (ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError, AttributeError, RecursionError):
             return web.json_response({"error": "bad_request", "reason": "expected {persona, id, numbers}"}, status=400)
         problems = []
         if not PERSONA_ID.match(persona_id):

@@ -71,7 +71,7 @@ def decode_page_message(message) -> PageHangup | PageDtmf | None:
         return None
     try:
         msg = json.loads(message)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(msg, dict):
         return None
