@@ -14,7 +14,7 @@ import pytest
 from telephony.twilio import twilio_signature
 from tests.support import poll
 from tests.support.carriers import TelnyxCaller, TwilioCaller, twilio_voice_params, twilio_webhook_post
-from tests.support.server import ServerProcess, http_json, http_text
+from tests.support.server import ServerProcess, http_json, metric
 
 TOKEN = "test-auth-token-1234"
 CITYSAN = "+14155550100"
@@ -32,9 +32,11 @@ def carrier_server(tmp_path_factory, demo_dir):
         "twilio": {"enabled": True, "idle_timeout_s": 2.0},
         "telnyx": {"enabled": True, "idle_timeout_s": 2.0},
     }, env={"TWILIO_AUTH_TOKEN": TOKEN})
-    srv.wait_ready()
-    yield srv
-    assert srv.stop() == 0
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
 
 
 def run(coro):
@@ -50,15 +52,6 @@ def call_end(srv, call_id_part: str | None = None, endpoint: str | None = None, 
 
 def no_calls(srv) -> bool:
     return not poll(lambda: http_json(srv.url + "/api/calls")[1]["calls"], lambda c: not c, 10, step=0.1)
-
-
-def metric(srv, sample: str) -> float:
-    """The value of one Prometheus sample (name{labels}), 0 when absent: tests compare before and
-    after, so they do not depend on what ran before them."""
-    for line in http_text(srv.url + "/metrics").splitlines():
-        if line.startswith(sample + " "):
-            return float(line.split()[-1])
-    return 0.0
 
 
 def loud(pcm: np.ndarray, thr: float = 0.01) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,19 +39,63 @@ def test_voice_names_are_never_paths(demo_dir):
         resolve_voice("NATF9", voices)
 
 
-def test_voice_pt_is_loaded_without_unpickling_code(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (exec, ("import os; os.environ['PWNED'] = '1'",))
+class _Armed:
+    """Unpickling this runs code: it creates the file named by its argument."""
 
-    bad = tmp_path / "EVIL.pt"
-    with open(bad, "wb") as fh:
-        pickle.dump({"embeddings": Evil(), "cache": torch.zeros(1, 17, 4)}, fh)
-    with pytest.raises(BadInput):
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+def _armed_voice(path: Path, marker: Path, zip_format: bool) -> Path:
+    """A .pt voice file whose pickle would run code, in torch.save's zip format or as a legacy
+    raw pickle, with the real voice fields around the payload."""
+    state = {"embeddings": _Armed(marker), "cache": torch.zeros(1, 17, 4, dtype=torch.long)}
+    if zip_format:
+        torch.save(state, path)
+    else:
+        with open(path, "wb") as fh:
+            pickle.dump(state, fh)
+    return path
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["torch.save-zip", "raw-pickle"])
+def test_voice_pt_is_loaded_without_unpickling_code(tmp_path, zip_format):
+    import subprocess
+    import sys
+
+    marker = tmp_path / "PWNED"
+    bad = _armed_voice(tmp_path / "EVIL.pt", marker, zip_format)
+    if zip_format:
+        assert bad.read_bytes()[:2] == b"PK"  # torch.save's zip container
+        # the payload is live: a plain (unsafe) load runs it (in another process)
+        subprocess.run([sys.executable, "-c", f"import torch; torch.load({str(bad)!r}, weights_only=False)"],
+                       check=False, capture_output=True, timeout=120)
+        assert marker.exists()
+        marker.unlink()
+    with pytest.raises(BadInput, match="not a PersonaPlex voice prompt"):
         load_voice_pt(bad)
-    import os
+    assert not marker.exists()
 
-    assert "PWNED" not in os.environ
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["torch.save-zip", "raw-pickle"])
+def test_prompt_length_tool_reads_voices_without_unpickling_code(tmp_path, demo_dir, zip_format):
+    """`personas check` reads voice files too (their length counts against the prompt): the
+    same files, the same refusal, no code run."""
+    from agent.personas.tools import voice_steps
+
+    marker = tmp_path / "PWNED"
+    voices = tmp_path / "voices"
+    voices.mkdir()
+    _armed_voice(voices / "EVIL.pt", marker, zip_format)
+    assert voice_steps(voices, "EVIL") == 0
+    assert voice_steps(None, str(voices / "EVIL.pt")) == 0  # a custom voice given by path
+    assert not marker.exists()
+    # and a real voice file is read: its embedding steps, plus the step before them
+    expected = load_voice_pt(demo_dir / "voices" / "NATF0.pt").prompt_steps
+    assert voice_steps(demo_dir / "voices", "NATF0") == expected > 1
 
 
 def test_missing_model_files_are_named(tmp_path):

@@ -119,14 +119,53 @@ def test_empty_information_list(tmp_path):
     assert issue.field == "information" and "is empty" in issue.message
 
 
-def test_prompt_too_long_says_tokens_and_limit(tmp_path):
-    facts = "\n".join(f"  - Fact number {i} about the service." for i in range(400))
-    text = f"kind: service\nnumbers: ['1']\ncompany: A\nbusiness: b\nagent_name: C\ninformation:\n{facts}\nvoice: NATF0\n"
+def _long_service(facts: int) -> str:
+    items = "\n".join(f"  - Fact number {i} about the service." for i in range(facts))
+    return f"kind: service\nnumbers: ['1']\ncompany: A\nbusiness: b\nagent_name: C\ninformation:\n{items}\nvoice: NATF0\n"
 
-    def limit(p):
-        return len(p.prompt.split()), 1000
-    (issue,) = one_problem(tmp_path, text, prompt_limit=limit)
-    assert "2414 tokens" in issue.message and "at most 1000" in issue.message and issue.line == 7
+
+def test_prompt_length_limit_with_a_real_tokenizer_and_voice(demo_dir, tmp_path, capsys):
+    """The limit `personas check` applies, with the demo model's sentencepiece tokenizer and
+    voice file: a prompt fits when its whole prompt phase (as the engine builds it: voice,
+    silences, the tokens) leaves at least one step of the context for the call itself."""
+    from agent.cli import main
+    from agent.personas.tools import find_tokenizer
+    from agent.prompt import build_schedule, tokenize_prompt
+    from agent.voices import load_voice_pt
+
+    (tmp_path / "long.yaml").write_text(_long_service(40))
+    prompt = load_persona_dir(tmp_path, STOCK_VOICES).route("1").prompt
+    tokens = tokenize_prompt(find_tokenizer(demo_dir), prompt)
+    assert len(tokens) > len(prompt.split())  # counted by the tokenizer, not by words
+    phase = build_schedule(load_voice_pt(demo_dir / "voices" / "NATF0.pt"), tokens).steps
+    check = ["personas", "check", str(tmp_path), "--model-dir", str(demo_dir), "--context"]
+    assert main([*check, str(phase + 1)]) == 0  # one step left for the call: fits
+    out = capsys.readouterr().out
+    assert "ok: 1 personas" in out and "NOT checked" not in out
+    assert main([*check, str(phase)]) == 1  # no step left: too long, by exactly one token
+    err = capsys.readouterr().err
+    assert f"long.yaml:7: the rendered prompt is {len(tokens)} tokens; the model's context allows at most " \
+           f"{len(tokens) - 1} for this voice" in err, err
+
+
+def test_cli_check_says_when_it_cannot_check_prompt_lengths(demo_dir, tmp_path, capsys, monkeypatch):
+    """Without a tokenizer (no --model-dir, no weights in the Hugging Face cache) `personas
+    check` cannot count tokens: it says so, and a prompt far too long passes unnoticed."""
+    import huggingface_hub.constants
+
+    from agent.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    personas = tmp_path / "personas"
+    personas.mkdir()
+    (personas / "long.yaml").write_text(_long_service(600))  # over 3000 tokens
+    assert main(["personas", "check", str(personas)]) == 0
+    out = capsys.readouterr().out
+    assert "note: prompt lengths NOT checked: no tokenizer found" in out and "--model-dir" in out
+    assert main(["personas", "check", str(personas), "--model-dir", str(demo_dir)]) == 1
+    captured = capsys.readouterr()
+    assert "NOT checked" not in captured.out and "tokens; the model's context allows" in captured.err
 
 
 def test_other_field_errors(tmp_path):

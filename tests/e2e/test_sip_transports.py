@@ -1,0 +1,192 @@
+"""SIP beyond the defaults, with real peers: a call over TCP (sipp -t t1), TLS on an explicit
+`sip.tls_port` (a pjsua2 caller), `sip.busy_code: 503` with Retry-After, and the order of
+180 Ringing and 200 OK around the call's first agent frame.
+
+One server serves the module: one call slot, UDP+TCP+TLS, busy code 503, voices loaded on first
+use (`engine.prewarm: false`), and a persona whose voice is a long custom wav: its first call
+encodes the wav before its first frame exists, so its ringing lasts long enough to be measured.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import ROOT, free_port, poll, require, speech_wav, speechlike
+from tests.support.server import ServerProcess, http_json, metric
+from tests.support.sip_trace import log_time, parse_trace
+from tests.support.sip_trace import sipp as run_sipp
+
+SCENARIOS = Path(__file__).parent / "sipp"
+SIP_CLIENT = Path(__file__).resolve().parents[1] / "support" / "sip_client.py"
+RETRY_AFTER = 7
+
+
+@pytest.fixture(scope="module", autouse=True)
+def components():
+    for c in ("pjsua2", "sipp", "espeak-ng", "sox"):
+        require(c)
+
+
+@pytest.fixture(scope="module")
+def audio(tmp_path_factory):
+    d = tmp_path_factory.mktemp("transportaudio")
+    wav16 = speech_wav(d / "caller16.wav", "Hello, my name is Omar Torres, when is my next pickup?", 16000)
+    ulaw = d / "caller_ulaw.wav"
+    subprocess.run(["sox", str(wav16), "-r", "8000", "-c", "1", "-e", "u-law", str(ulaw)], check=True)
+    return {"wav16": wav16, "ulaw": ulaw}
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory, demo_dir):
+    import sphn
+
+    from agent.server.tls import self_signed
+
+    tmp = tmp_path_factory.mktemp("sipedge")
+    cert, key = self_signed(tmp / "tls")
+    slow_voice = tmp / "slow-voice.wav"
+    sphn.write_wav(str(slow_voice), speechlike(30.0, 5), 24000)  # 375 frames to Mimi-encode first
+    personas = tmp / "personas"
+    personas.mkdir()
+    for name in ("citysan.yaml", "teacher.yaml"):
+        (personas / name).write_text((ROOT / "personas" / name).read_text())
+    (personas / "slow-start.yaml").write_text(
+        f"kind: assistant\nnumbers: ['1020']\nrole: a patient receptionist\nvoice: {json.dumps(str(slow_voice))}\n")
+    # an explicit TLS port that is not the default (SIP port + 1)
+    sip_port = free_port(socket.SOCK_DGRAM)
+    tls_port = free_port()
+    while tls_port == sip_port + 1:
+        tls_port = free_port()
+    srv = ServerProcess(tmp, demo_dir.parent, {
+        "engine": {"max_calls": 1, "retry_after_s": RETRY_AFTER, "prewarm": False},
+        "personas": {"unknown_numbers": "refuse"},
+        "sip": {"enabled": True, "port": sip_port, "transports": ["udp", "tcp", "tls"], "tls_port": tls_port,
+                "tls_cert_file": str(cert), "tls_key_file": str(key), "busy_code": 503, "rtp_port": 30000,
+                "rtp_timeout_s": 5},
+    })
+    srv.sip_port, srv.tls_port = sip_port, tls_port  # the overrides won over the port it picked
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def calls_settle(request):
+    """After a test on the shared server, wait until every call it placed has ended and its
+    call_end line is written: no call of one test may end during the next one."""
+    yield
+    if "edge" in request.fixturenames:
+        srv = request.getfixturevalue("edge")
+
+        def unfinished() -> set[str]:
+            lines = srv.lines()
+            return ({ln["call_id"] for ln in lines if ln.get("event") == "call_start"}
+                    - {ln["call_id"] for ln in lines if ln.get("event") == "call_end"})
+        assert not poll(unfinished, lambda left: not left, 20), "calls still up after the test"
+
+
+def ended(srv) -> set[str]:
+    """call_ids of the SIP calls that have ended so far."""
+    return {ln["call_id"] for ln in srv.lines() if ln.get("event") == "call_end" and ln.get("endpoint") == "sip"}
+
+
+def call_end_of(srv, before: set[str], number: str, timeout: float = 10.0) -> dict:
+    """The call_end line of the one SIP call to `number` that ended since `before` (waits for
+    it: the line is written after the slot is freed). A call of an earlier test that ends late
+    cannot be mistaken for it."""
+    def new():
+        return [ln for ln in srv.lines() if ln.get("event") == "call_end" and ln.get("endpoint") == "sip"
+                and ln["call_id"] not in before and ln.get("number") == number]
+    ends = poll(new, bool, timeout, step=0.1)
+    assert len(ends) == 1, ends
+    return ends[0]
+
+
+def no_calls(srv) -> bool:
+    return not poll(lambda: http_json(srv.url + "/api/calls")[1]["calls"], lambda c: not c, 15, step=0.1)
+
+
+def client_summary(stdout: str) -> dict:
+    lines = [ln for ln in stdout.splitlines() if ln.startswith('{"answered"')]
+    assert lines, stdout[-4000:]
+    return json.loads(lines[-1])
+
+
+def test_call_over_tcp(edge, audio, tmp_path):
+    before = ended(edge)
+    rc, msgs = run_sipp(edge.sip_port, SCENARIOS / "uac_call.xml", "1001", tmp_path,
+                        {"@RTP_FILE@": str(audio["ulaw"])}, extra=["-t", "t1"])
+    assert rc == 0, msgs[-3000:]
+    trace = parse_trace(msgs)
+    assert trace and {m.transport for m in trace} == {"TCP"}, {m.transport for m in trace}
+    ok = next(m for m in trace if not m.sent and m.is_response(200, 1))
+    assert ok.header("Via").startswith("SIP/2.0/TCP"), ok.text
+    assert no_calls(edge)
+    end = call_end_of(edge, before, "1001")
+    assert end["reason"] == "caller_hangup" and end["frames_in"] > 30 and end["caller_peak"] > 0.05, end
+
+
+def test_tls_on_the_configured_tls_port(edge, audio, tmp_path):
+    before = ended(edge)
+    uri = f"sip:1001@127.0.0.1:{edge.tls_port};transport=tls"
+    res = subprocess.run([sys.executable, str(SIP_CLIENT), uri, str(audio["wav16"]), str(tmp_path / "tls.wav"),
+                          "--seconds", "2", "--tls"], capture_output=True, text=True, timeout=60)
+    summary = client_summary(res.stdout)
+    assert summary["answered"] and summary["media_active"], summary
+    assert no_calls(edge)
+    end = call_end_of(edge, before, "1001")
+    assert end["reason"] == "caller_hangup" and end["frames_in"] > 10 and end["caller_peak"] > 0.05, end
+
+
+def test_busy_code_503_with_retry_after(edge, audio, tmp_path):
+    busy = 'personaplex_calls_total{endpoint="sip",outcome="refused_busy"}'
+    busy_before = metric(edge, busy)
+    holder = subprocess.Popen([sys.executable, str(SIP_CLIENT), f"sip:1001@127.0.0.1:{edge.sip_port}",
+                               str(audio["wav16"]), str(tmp_path / "h.wav"), "--seconds", "5"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert poll(lambda: http_json(edge.url + "/api/calls")[1]["calls"], bool, 15, step=0.1)
+        rc, msgs = run_sipp(edge.sip_port, SCENARIOS / "uac_expect.xml", "1001", tmp_path,
+                            {"@CODE@": "503", "@HEADER@": "Retry-After",
+                             "@HEADER_RE@": f"Retry-After: *{RETRY_AFTER}"})
+        assert rc == 0, msgs[-3000:]
+        (final,) = [m for m in parse_trace(msgs) if not m.sent and m.status and m.status >= 200]
+        assert final.status == 503 and final.header("Retry-After") == str(RETRY_AFTER), final.text
+    finally:
+        out, _ = holder.communicate(timeout=60)
+    assert client_summary(out)["answered"]
+    assert metric(edge, busy) == busy_before + 1
+    assert no_calls(edge)
+
+
+def test_ringing_until_the_first_agent_frame_then_200(edge, audio, tmp_path):
+    """180 Ringing strictly before 200 OK, and 200 OK only once the call's first agent frame
+    exists. The persona's voice is a 30 s wav encoded on its first call, so the first frame
+    comes well after the INVITE; the server's call_end line says when it came (its time minus
+    the call's duration, counted from the first frame)."""
+    before = ended(edge)
+    rc, msgs = run_sipp(edge.sip_port, SCENARIOS / "uac_call.xml", "1020", tmp_path,
+                        {"@RTP_FILE@": str(audio["ulaw"])})
+    assert rc == 0, msgs[-3000:]
+    trace = parse_trace(msgs)
+    got = [m for m in trace if not m.sent and m.cseq == (1, "INVITE") and m.status]
+    ringing = [i for i, m in enumerate(got) if m.status == 180]
+    finals = [i for i, m in enumerate(got) if m.status >= 200]
+    assert ringing and len(finals) == 1 and got[finals[0]].status == 200, [m.first_line for m in got]
+    t180, t200 = got[ringing[0]].t, got[finals[0]].t
+    assert ringing[0] < finals[0] and t180 < t200, [m.first_line for m in got]
+    end = call_end_of(edge, before, "1020")
+    assert end["persona"] == "slow-start" and end["reason"] == "caller_hangup", end
+    first_frame = log_time(end) - end["duration_s"]  # duration_s: from the first agent frame
+    assert first_frame - t180 > 0.25, (first_frame - t180)  # a long ring: the voice was being encoded
+    assert t200 >= first_frame - 0.02, (t200 - first_frame)  # answered only once the frame existed
+    assert t200 - first_frame < 5.0, (t200 - first_frame)  # ... and then without waiting for more
+    assert end["frames_out"] > 30
