@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """SIP calls per second (signalling only, sipp): set-up + tear-down through the real server.
 
-Each call is answered from a persona snapshot (200 OK once its first agent frame exists), then
-hung up at once. Prints, per offered rate: completed calls per second, calls refused busy (486),
+Each call is answered once its first agent frame exists (its prompt prefilled in one forward,
+a frame or two), then hung up at once. Prints, per offered rate: completed calls per second, calls refused busy (486),
 and sipp's median response time to 200 OK.
 """
 
@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
-    from tests.helpers_server import ServerProcess, free_port, http_text
+    from tests.support import free_port
+    from tests.support.server import ServerProcess, http_text
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rates", default="5,10,20,40")
@@ -40,7 +41,6 @@ def main() -> None:
             "engine": {"max_calls": args.max_calls, "barge_in": {"enabled": False}},
             "sip": {"enabled": True, "rtp_port": 25000}, "logging": {"format": "json", "level": "warning"}})
         srv.wait_ready(180)
-        time.sleep(3)  # snapshots
         print(f"server: max_calls {args.max_calls}, demo model on CPU; {args.seconds:.0f} s per rate")
         print(f"{'offered/s':>9} {'answered/s':>10} {'busy 486/s':>10} {'failed':>6}")
         busy_before = 0
@@ -48,7 +48,7 @@ def main() -> None:
             n = int(rate * args.seconds)
             stat = tmp / f"stat{rate}.csv"
             t0 = time.monotonic()
-            subprocess.run(["sipp", f"127.0.0.1:{srv.sip_port}", "-sf", str(ROOT / "tests/sipp/uac_short.xml"),
+            subprocess.run(["sipp", f"127.0.0.1:{srv.sip_port}", "-sf", str(ROOT / "tests/e2e/sipp/uac_short.xml"),
                             "-s", "1001", "-r", str(rate), "-m", str(n), "-i", "127.0.0.1",
                             "-p", str(free_port(socket.SOCK_DGRAM)), "-mp", str(free_port(socket.SOCK_DGRAM)),
                             "-timeout", f"{int(args.seconds * 4 + 20)}s", "-nostdin", "-trace_stat",
@@ -59,7 +59,7 @@ def main() -> None:
             last = rows[-1].split(";") if rows else []
             get = (lambda k: int(last[head.index(k)]) if k in head else 0)
             ok, failed = get("SuccessfulCall(C)"), get("FailedCall(C)")
-            metrics = http_text(srv.url + "/metrics")
+            metrics = http_text(srv.ops_url + "/metrics")
             m = re.search(r'personaplex_calls_total\{endpoint="sip",outcome="refused_busy"\} ([0-9.]+)', metrics)
             busy_total = int(float(m.group(1))) if m else 0
             busy = busy_total - busy_before

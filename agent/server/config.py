@@ -132,7 +132,7 @@ class OpsConfig(_Strict):
     """The operators' listener: /metrics, /api/calls, persona problems (never on the public port)."""
 
     host: str = "127.0.0.1"
-    port: int = Field(9100, ge=0, le=65535)
+    port: int = Field(9100, ge=0, le=65535)  # 0: no ops listener
     token_env: str | None = None  # when set: those endpoints need `Authorization: Bearer $<token_env>`
 
 

@@ -84,6 +84,8 @@ class Runtime:
         self.endpoints: list = []
         self.app: web.Application | None = None
         self._runner: web.AppRunner | None = None
+        self._ops_runner: web.AppRunner | None = None
+        self.ops_url: str | None = None
         self._signals = 0
         self.http_urls: list[str] = []
         self.started_at = time.time()
@@ -146,11 +148,12 @@ class Runtime:
 
     # -- HTTP ----------------------------------------------------------------------------------------
     def build_app(self) -> web.Application:
-        from agent.server.http import add_ops_routes
+        """The public app: the page, calls, carriers, health and readiness (nothing for ops)."""
+        from agent.server.http import add_public_routes
 
         app = web.Application(client_max_size=self.cfg.webrtc.limits.max_offer_bytes)  # bigger: 413
         app["runtime"] = self
-        add_ops_routes(app)
+        add_public_routes(app)
         if self.cfg.webrtc.enabled:
             from telephony.webrtc.endpoint import WebRtcEndpoint
 
@@ -208,6 +211,13 @@ class Runtime:
                     host, port = sock.getsockname()[:2]
                     shown = "localhost" if host in ("127.0.0.1", "::1") else host
                     self.http_urls.append(f"{'https' if ctx else 'http'}://{shown}:{port}/")
+        if self.cfg.ops.port:
+            from agent.server.http import ops_app
+
+            self._ops_runner = web.AppRunner(ops_app(self), handle_signals=False, access_log=None)
+            await self._ops_runner.setup()
+            await web.TCPSite(self._ops_runner, self.cfg.ops.host, self.cfg.ops.port).start()
+            self.ops_url = f"http://{self.cfg.ops.host}:{self.cfg.ops.port}"
         if self.cfg.sip.enabled:
             try:
                 from telephony.sip.endpoint import SipEndpoint
@@ -222,7 +232,7 @@ class Runtime:
         self.ready.endpoints = True
         personas = self.registry.personas()
         log.info("ready", model=self.model.files.source, max_calls=self.cfg.engine.max_calls,
-                 personas=len(personas), web=self.http_urls or None,
+                 personas=len(personas), web=self.http_urls or None, ops=self.ops_url,
                  sip=[f"{t}:{self.cfg.sip.host}:{ep.port}" for ep in self.endpoints if hasattr(ep, "port")
                       for t in self.cfg.sip.transports] or None)
 
@@ -265,8 +275,9 @@ class Runtime:
         if self.registry is not None:
             self.registry.stop_watching()
         await self.context.lookup.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        for runner in (self._runner, self._ops_runner):
+            if runner is not None:
+                await runner.cleanup()
         log.info("stopped", hung_up=left)
 
     async def serve_forever(self) -> int:

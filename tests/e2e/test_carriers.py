@@ -51,7 +51,7 @@ def call_end(srv, call_id_part: str | None = None, endpoint: str | None = None, 
 
 
 def no_calls(srv) -> bool:
-    return not poll(lambda: http_json(srv.url + "/api/calls")[1]["calls"], lambda c: not c, 10, step=0.1)
+    return not poll(lambda: http_json(srv.ops_url + "/api/calls")[1]["calls"], lambda c: not c, 10, step=0.1)
 
 
 def loud(pcm: np.ndarray, thr: float = 0.01) -> bool:
@@ -91,7 +91,7 @@ def test_twilio_call_speech_both_ways_marks_dtmf_and_barge_in(carrier_server, sp
         task = asyncio.create_task(caller.run(5.0, dtmf=[(2.5, "7"), (3.0, "0")]))
         await caller.started.wait()
         live = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: poll(lambda: http_json(carrier_server.url + "/api/calls")[1]["calls"],
+            None, lambda: poll(lambda: http_json(carrier_server.ops_url + "/api/calls")[1]["calls"],
                                lambda c: c and c[0]["frames_in"] > 20 and c[0]["caller_peak"] > 0.05, 10))
         await task
         return live

@@ -97,7 +97,7 @@ def record_of(srv, rec: Path, call_id: str) -> dict:
 
 
 def metric(srv, sample: str) -> float:
-    for line in http_text(srv.url + "/metrics").splitlines():
+    for line in http_text(srv.ops_url + "/metrics").splitlines():
         if line.startswith(sample + " "):
             return float(line.split()[-1])
     return 0.0
@@ -180,12 +180,12 @@ def test_header_and_browser_context_reach_the_prompt_fast_with_16_calls_live(con
     async def scenario():
         tasks = [asyncio.create_task(c.run(25.0)) for c in others]
         await asyncio.get_running_loop().run_in_executor(
-            None, lambda: poll(lambda: [c for c in http_json(srv.url + "/api/calls")[1]["calls"]
+            None, lambda: poll(lambda: [c for c in http_json(srv.ops_url + "/api/calls")[1]["calls"]
                                         if c["state"] == "live"], lambda live: len(live) >= 16, 20))
         sip_id = await asyncio.get_running_loop().run_in_executor(
             None, sip_call_with_headers, srv, tmp_path, ulaw, {"X-Customer-Name": "Omar Torres"})
         web_id = await browser_call()
-        live = len(http_json(srv.url + "/api/calls")[1]["calls"])
+        live = len(http_json(srv.ops_url + "/api/calls")[1]["calls"])
         for c in others:
             c._closing = True
         for t in tasks:

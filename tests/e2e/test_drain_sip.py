@@ -44,13 +44,13 @@ def test_sigterm_refuses_new_invites_and_hangs_up_the_live_call_at_the_drain_tim
     try:
         srv.wait_ready()
         live.start()
-        calls = poll(lambda: http_json(srv.url + "/api/calls")[1]["calls"],
+        calls = poll(lambda: http_json(srv.ops_url + "/api/calls")[1]["calls"],
                      lambda c: len(c) == 1 and c[0]["state"] == "live" and c[0]["frames_in"] > 10, 20)
         assert len(calls) == 1 and calls[0]["frames_in"] > 10, calls  # up, and the caller's audio flows
         frames_at_signal = calls[0]["frames_in"]
         t_signal = time.time()
         srv.proc.send_signal(signal.SIGTERM)
-        status, ready = poll(lambda: http_json(srv.url + "/readyz"), lambda r: r[1].get("draining"), 10)
+        status, ready = poll(lambda: http_json(srv.ops_url + "/readyz"), lambda r: r[1].get("draining"), 10)
         assert status == 503 and ready["draining"], ready
         # a new INVITE while the call is up: 503 with Retry-After, and nothing else happens to it
         refused_before = metric(srv, 'personaplex_calls_total{endpoint="sip",outcome="refused_draining"}')
@@ -59,7 +59,7 @@ def test_sigterm_refuses_new_invites_and_hangs_up_the_live_call_at_the_drain_tim
         assert rc == 0, msgs[-3000:]
         assert metric(srv, 'personaplex_calls_total{endpoint="sip",outcome="refused_draining"}') \
             == refused_before + 1
-        assert [c["call_id"] for c in http_json(srv.url + "/api/calls")[1]["calls"]] == [calls[0]["call_id"]]
+        assert [c["call_id"] for c in http_json(srv.ops_url + "/api/calls")[1]["calls"]] == [calls[0]["call_id"]]
         # the live call runs until the drain timeout, then the agent hangs up (BYE)
         rc, msgs = live.wait()
         trace = parse_trace(msgs)

@@ -76,14 +76,14 @@ class Agent:
         return self.srv is not None and self.srv.proc.poll() is None
 
     def calls(self) -> list[dict]:
-        return http_json(self.url + "/api/calls")[1]["calls"] if self.alive else []
+        return http_json(self.srv.ops_url + "/api/calls")[1]["calls"] if self.alive else []
 
     def call_ends(self, endpoint: str) -> list[dict]:
         return [ln for ln in self.srv.lines() if ln.get("event") == "call_end" and ln.get("endpoint") == endpoint]
 
     def refused(self) -> int:
         """INVITEs/offers this agent refused (draining or busy), from its metrics."""
-        text = http_text(self.url + "/metrics")
+        text = http_text(self.srv.ops_url + "/metrics")
         return sum(int(float(v)) for v in re.findall(r'personaplex_calls_total\{[^}]*outcome="refused_[a-z]+"\} (\S+)',
                                                     text))
 
@@ -96,7 +96,7 @@ class Farm:
         """Every agent running and ready (restarting any a test stopped or left draining), no
         calls left."""
         for a in self.agents:
-            if a.alive and http_json(a.url + "/readyz")[1].get("draining"):
+            if a.alive and http_json(a.srv.ops_url + "/readyz")[1].get("draining"):
                 a.srv.stop(signal.SIGKILL, expect_exit=None)
         down = [a for a in self.agents if not a.alive]
         for a in down:

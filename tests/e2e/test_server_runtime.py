@@ -138,12 +138,12 @@ def test_drain_keeps_calls_refuses_new_then_exits(tmp_path, demo_dir, caller_wav
         await talking(a)
         srv.proc.send_signal(signal.SIGTERM)
         # new calls are refused while draining, readiness says so
-        status, ready = await in_thread(poll, lambda: http_json(srv.url + "/readyz"), lambda r: r[1].get("draining"),
+        status, ready = await in_thread(poll, lambda: http_json(srv.ops_url + "/readyz"), lambda r: r[1].get("draining"),
                                         10)
         assert status == 503 and ready["draining"]
         b = caller(srv.url, "citysan", caller_wav)
         assert await b.call() == 503 and b.body["error"] == "draining"
-        metrics = await in_thread(http_text, srv.url + "/metrics")
+        metrics = await in_thread(http_text, srv.ops_url + "/metrics")
         # the call in progress survives the signal
         got_before = len(a.received)
         assert await until(lambda: len(a.received) > got_before + 40, 10)  # 0.8 s of audio, bounded wait
@@ -236,8 +236,9 @@ def test_unknown_persona_and_bad_offer(tmp_path, demo_dir):
                 async with http.post(srv.url + "/api/call", json={"sdp": "v=0\r\n", "type": "offer"}) as r:
                     assert r.status == 400
         run(scenario())
-        status, body = http_json(srv.url + "/readyz")
+        status, body = http_json(srv.ops_url + "/readyz")
         assert status == 200 and body["capacity_left"] == body["max_calls"]
+        assert http_json(srv.url + "/readyz") == (200, {"ready": True, "capacity_left": body["max_calls"]})
         assert http_json(srv.url + "/healthz") == (200, {"status": "ok"})
         assert metric(srv, 'personaplex_calls_total{endpoint="webrtc",outcome="refused_not_found"}') == 1
     finally:
@@ -275,7 +276,7 @@ def record_of(srv, call_id: str, timeout: float = 10.0) -> dict:
 
 
 def personas_served(srv) -> dict:
-    return {p["id"]: p for p in http_json(srv.url + "/api/personas")[1]["personas"]}
+    return {p["id"]: p for p in http_json(srv.ops_url + "/api/personas")[1]["personas"]}
 
 
 def edit_persona(srv, name: str, **replace: str) -> str:
@@ -295,7 +296,7 @@ def restore_persona(srv, name: str, original: str) -> None:
     reported, its voice back): the next test must not start from a version still in flight."""
     (srv.personas / f"{name}.yaml").write_text(original)
     voice = re.search(r"^voice: *(\S+)", original, re.M).group(1)
-    body = poll(lambda: http_json(srv.url + "/api/personas")[1], lambda b: not b["problems"]
+    body = poll(lambda: http_json(srv.ops_url + "/api/personas")[1], lambda b: not b["problems"]
                 and any(p["id"] == name and p["voice"] == voice for p in b["personas"]), 10)
     assert not body["problems"] and any(p["id"] == name and p["voice"] == voice for p in body["personas"]), body
 
@@ -425,7 +426,7 @@ def test_broken_persona_edit_is_reported_and_last_good_serves(rec_server, caller
     original = edit_persona(srv, "citysan", **{"Upcoming pickup: April 12th.": "Upcoming pickup: May 3rd.",
                                                "voice: NATF2": "voice: NOPE"})
     try:
-        body = poll(lambda: http_json(srv.url + "/api/personas")[1], lambda b: b["problems"], 10)
+        body = poll(lambda: http_json(srv.ops_url + "/api/personas")[1], lambda b: b["problems"], 10)
         assert any("unknown voice 'NOPE'" in pr for pr in body["problems"]), body["problems"]
         assert metric(srv, "personaplex_persona_reload_errors_total") == errors_before + 1
 

@@ -96,7 +96,7 @@ def call_ends(srv, at_least: int = 1, timeout: float = 5.0) -> list[dict]:
 
 
 def wait_calls_gone(srv, timeout=10.0):
-    return not poll(lambda: http_json(srv.url + "/api/calls")[1]["calls"], lambda calls: not calls, timeout, step=0.1)
+    return not poll(lambda: http_json(srv.ops_url + "/api/calls")[1]["calls"], lambda calls: not calls, timeout, step=0.1)
 
 
 def sipp(srv, scenario: Path, service: str, tmp: Path, replace: dict | None = None, timeout: int = 30,
@@ -173,12 +173,12 @@ def test_sipp_over_capacity_486_with_retry_after(sip_server, audio, tmp_path):
     holder = subprocess.Popen(pj_call(sip_server, "1001", audio["wav16"], tmp_path / "h.wav", 6.0),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert poll(lambda: http_json(sip_server.url + "/api/calls")[1]["calls"], bool, 15, step=0.1)
+        assert poll(lambda: http_json(sip_server.ops_url + "/api/calls")[1]["calls"], bool, 15, step=0.1)
         rc, msgs = sipp(sip_server, SCENARIOS / "uac_expect.xml", "1002", tmp_path,
                         {"@CODE@": "486", "@HEADER@": "Retry-After", "@HEADER_RE@": "Retry-After: *3"})
         assert rc == 0, msgs[-3000:]
         # the call already up is not degraded
-        (call,) = http_json(sip_server.url + "/api/calls")[1]["calls"]
+        (call,) = http_json(sip_server.ops_url + "/api/calls")[1]["calls"]
         assert call["state"] in ("answering", "live")
     finally:
         out, _ = holder.communicate(timeout=60)
@@ -225,7 +225,7 @@ def test_malformed_sip_and_sdp_get_4xx_and_nothing_breaks(sip_server, audio, tmp
     assert _raw(sip_server, "GARBAGE \x00\x01\x02 not sip\r\n\r\n") is None
     assert _raw(sip_server, _invite(["-CSeq", "CSeq: abc INVITE"])) is None
     # no slot was taken and a normal call still works
-    assert http_json(sip_server.url + "/api/calls")[1]["calls"] == []
+    assert http_json(sip_server.ops_url + "/api/calls")[1]["calls"] == []
     res = subprocess.run(pj_call(sip_server, "1001", audio["wav16"], tmp_path / "ok.wav", 1.5),
                          capture_output=True, text=True, timeout=60)
     assert client_summary(res.stdout)["answered"]
@@ -296,7 +296,7 @@ def test_blind_transfer_to_a_person_frees_the_slot(sip_server, tmp_path):
         "information: ['Press 9 for a person.']\nvoice: NATF0\n"
         "transfer: {target: 'sip:queue@127.0.0.1:5999', dtmf: '9'}\n")
     try:
-        assert poll(lambda: http_json(sip_server.url + "/api/personas")[1]["personas"],
+        assert poll(lambda: http_json(sip_server.ops_url + "/api/personas")[1]["personas"],
                     lambda ps: any(p["id"] == "transfer-test" for p in ps), 15)
         before = ended(sip_server)
         dtmf_before = metric(sip_server, 'personaplex_dtmf_total{endpoint="sip"}')
@@ -317,7 +317,7 @@ def test_blind_transfer_to_a_person_frees_the_slot(sip_server, tmp_path):
         assert wait_calls_gone(sip_server)
     finally:
         (personas_dir / "transfer-test.yaml").unlink()
-        poll(lambda: http_json(sip_server.url + "/api/personas")[1]["personas"],
+        poll(lambda: http_json(sip_server.ops_url + "/api/personas")[1]["personas"],
              lambda ps: not any(p["id"] == "transfer-test" for p in ps), 15)
 
 

@@ -111,7 +111,7 @@ def call_end_of(srv, before: set[str], number: str, timeout: float = 10.0) -> di
 
 
 def no_calls(srv) -> bool:
-    return not poll(lambda: http_json(srv.url + "/api/calls")[1]["calls"], lambda c: not c, 15, step=0.1)
+    return not poll(lambda: http_json(srv.ops_url + "/api/calls")[1]["calls"], lambda c: not c, 15, step=0.1)
 
 
 def client_summary(stdout: str) -> dict:
@@ -153,7 +153,7 @@ def test_busy_code_503_with_retry_after(edge, audio, tmp_path):
                                str(audio["wav16"]), str(tmp_path / "h.wav"), "--seconds", "5"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert poll(lambda: http_json(edge.url + "/api/calls")[1]["calls"], bool, 15, step=0.1)
+        assert poll(lambda: http_json(edge.ops_url + "/api/calls")[1]["calls"], bool, 15, step=0.1)
         rc, msgs = run_sipp(edge.sip_port, SCENARIOS / "uac_expect.xml", "1001", tmp_path,
                             {"@CODE@": "503", "@HEADER@": "Retry-After",
                              "@HEADER_RE@": f"Retry-After: *{RETRY_AFTER}"})

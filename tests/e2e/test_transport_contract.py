@@ -78,7 +78,7 @@ def ends_for(srv, endpoint: str) -> list[dict]:
 
 
 def metric(srv, sample: str) -> float:
-    for line in http_text(srv.url + "/metrics").splitlines():
+    for line in http_text(srv.ops_url + "/metrics").splitlines():
         if line.startswith(sample + " "):
             return float(line.split()[-1])
     return 0.0

@@ -78,7 +78,7 @@ def test_browser_call_end_to_end(server, browser):
     # hanging up frees the slot
     page.click("#hangup")
     ready = wait_capacity(server, 1)
-    assert ready["capacity_left"] == 1 and http_json(server.url + "/api/calls")[1]["calls"] == []
+    assert ready["capacity_left"] == 1 and http_json(server.ops_url + "/api/calls")[1]["calls"] == []
     ends = [ln for ln in server.lines() if ln.get("event") == "call_end"]
     assert ends and ends[-1]["reason"] == "caller_hangup" and ends[-1]["call_id"] == call["call_id"]
     ctx.close()
@@ -92,10 +92,10 @@ def test_closing_the_tab_frees_the_slot(server, browser):
     ctx.close()  # no hang-up message: the peer connection just goes away
     deadline = time.monotonic() + 45
     while time.monotonic() < deadline:
-        if http_json(server.url + "/api/calls")[1]["calls"] == []:
+        if http_json(server.ops_url + "/api/calls")[1]["calls"] == []:
             break
         time.sleep(0.5)
-    assert http_json(server.url + "/api/calls")[1]["calls"] == []
+    assert http_json(server.ops_url + "/api/calls")[1]["calls"] == []
 
 
 def test_microphone_blocked_message(server, browser):

@@ -57,6 +57,6 @@ def test_firefox_call_end_to_end(server, firefox):
 
     m.find_element("id", "hangup").click()
     ready = wait_capacity(server, 1)
-    assert ready["capacity_left"] == 1 and http_json(server.url + "/api/calls")[1]["calls"] == []
+    assert ready["capacity_left"] == 1 and http_json(server.ops_url + "/api/calls")[1]["calls"] == []
     ends = [ln for ln in server.lines() if ln.get("event") == "call_end"]
     assert ends and ends[-1]["reason"] == "caller_hangup" and ends[-1]["call_id"] == call["call_id"]

@@ -38,7 +38,7 @@ def metric(srv: "ServerProcess", sample: str) -> float:
     """The value of one Prometheus sample (`name{labels}` exactly as exposed), 0 when absent:
     tests compare values before and after what they do, so they do not depend on what ran
     before them on the same server."""
-    for line in http_text(srv.url + "/metrics").splitlines():
+    for line in http_text(srv.ops_url + "/metrics").splitlines():
         if line.startswith(sample + " "):
             return float(line.split()[-1])
     return 0.0
@@ -58,6 +58,8 @@ class ServerProcess:
         cfg["http"]["port"] = self.port
         cfg["sip"]["port"] = self.sip_port
         cfg["sip"]["enabled"] = False
+        self.ops_port = free_port()
+        cfg["ops"] = {"host": "127.0.0.1", "port": self.ops_port}
         cfg["logging"] = {"format": "json", "level": "info"}
         personas = tmp / "personas"
         if not personas.exists():
@@ -73,6 +75,7 @@ class ServerProcess:
         self.log_path = tmp / "server.log"
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
+        self.ops_url = f"http://127.0.0.1:{self.ops_port}"  # /metrics, /api/calls, persona problems
         env = dict(os.environ, PERSONAPLEX_CACHE=str(cache), NO_TORCH_COMPILE="1", **(env or {}))
         self.log = open(self.log_path, "w")
         # `module`: a test wrapper of the server (e.g. tests.support.fake_server) instead of the CLI
@@ -157,7 +160,7 @@ def wait_caller_heard(srv: "ServerProcess", timeout: float = 15.0) -> dict:
     """The only call in progress, once the server has received the caller's audio (or the
     timeout passed: the caller's assertions then say what was missing)."""
     def only_call():
-        (call,) = http_json(srv.url + "/api/calls")[1]["calls"]
+        (call,) = http_json(srv.ops_url + "/api/calls")[1]["calls"]
         return call
     return poll(only_call, lambda c: c["frames_in"] > 10 and c["caller_peak"] > 0.05, timeout)
 
