@@ -16,7 +16,7 @@ import pjsua2 as pj
 from agent.events import EndReason, Hold, TransferFailed
 from agent.session import CallSession
 from telephony.leg import CallLeg
-from telephony.sip.port import RATE, SAMPLES, CallAudioPort
+from telephony.sip.port import RATE, SAMPLES
 
 NAME = "sip"
 OUTBOUND_PACKETS = 1  # 20 ms of slack at the port: the SIP thread refills every few ms
@@ -136,18 +136,26 @@ class SipCall(pj.Call):
                 continue
             self.media_index = mi.index
             if mi.status == pj.PJSUA_CALL_MEDIA_ACTIVE:
+                if self.on_hold and self.session is not None:
+                    self.session.emit(Hold(False))
                 self.on_hold = False
                 self._connect(mi.index)
             elif mi.status in (pj.PJSUA_CALL_MEDIA_REMOTE_HOLD, pj.PJSUA_CALL_MEDIA_LOCAL_HOLD,
                                pj.PJSUA_CALL_MEDIA_NONE):
-                self.on_hold = True
-                if self.session is not None:
+                if not self.on_hold and self.session is not None:
                     self.session.emit(Hold(True))
+                self.on_hold = True
+
+    def release_port(self) -> None:
+        """Give the port back to the pool (call ended: pjsua has removed its stream's slot)."""
+        if self.port is not None:
+            self.endpoint.ports.release(self.port)
+            self.port = None
 
     def _connect(self, index: int) -> None:
         if self.port is None:
-            self.port = CallAudioPort()
-            self.port.create(f"agent{self.getId()}")
+            self.port = self.endpoint.ports.acquire()
+            self._underruns_seen = self.port.underruns
         am = self.getAudioMedia(index)
         am.startTransmit(self.port)
         self.port.startTransmit(am)

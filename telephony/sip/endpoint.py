@@ -24,6 +24,7 @@ from telephony.admission import SIP_STATUS, CallRequest, Refusal, RefusalKind
 from telephony.sip import options as sip_options
 from telephony.sip import pjlog
 from telephony.sip.call import SipCall
+from telephony.sip.port import PortPool
 from telephony.sip.sipmsg import allowed, caller_user, dialled_user, header_variables, source_ip
 
 log = structlog.get_logger(__name__)
@@ -65,6 +66,7 @@ class SipEndpoint:
         self._error: BaseException | None = None
         self.calls: dict[int, SipCall] = {}
         self._dead: list[SipCall] = []
+        self.ports = PortPool()
         self.ep: pj.Endpoint | None = None
         self.account: _Account | None = None
 
@@ -95,6 +97,7 @@ class SipEndpoint:
 
     def forget(self, call: SipCall) -> None:
         self.calls.pop(call.getId(), None)
+        call.release_port()
         self._dead.append(call)  # deleted later, never inside its own callback
 
     # -- SIP thread ---------------------------------------------------------------------------
@@ -212,10 +215,15 @@ class SipEndpoint:
         # pjsua2 objects must go before libDestroy, or pjlib asserts
         import gc
 
+        if self.ep is not None:
+            # stop the bridge clock first (the null sound device's thread): only then can the
+            # ports go without a callback landing in a freed one
+            _quietly(lambda: self.ep.audDevManager().setNoDev())
         for call in list(self.calls.values()):
             call.port = None
         self.calls.clear()
         self._dead.clear()
+        self.ports.destroy()
         gc.collect()  # anything pjsua2 in a reference cycle goes now, on this thread
         if self.account is not None:
             _quietly(self.account.shutdown)
