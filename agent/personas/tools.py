@@ -30,15 +30,23 @@ def find_tokenizer(model_dir: Path | None):
 
 
 def voice_steps(voices_dir: Path | None, voice: str) -> int:
-    """Prompt steps a voice takes (0 when unknown)."""
+    """Prompt steps a voice takes (0 when unknown): a `.pt` voice one more than its embeddings
+    (see `VoicePrompt.prompt_steps`), a custom wav one per started 80 ms frame of its audio."""
     candidates = [Path(voice)] if ("/" in voice or voice.endswith(".wav")) else (
         [voices_dir / f"{voice}.pt"] if voices_dir else [])
     for p in candidates:
-        if p.suffix == ".pt" and p.is_file():
-            try:
+        if not p.is_file():
+            continue
+        try:
+            if p.suffix == ".pt":
                 return int(torch.load(p, map_location="cpu", weights_only=True)["embeddings"].shape[0]) + 1
-            except Exception:
-                return 0
+            if p.suffix == ".wav":
+                from agent.audio_io import read_audio
+                from agent.timebase import FRAME, SAMPLE_RATE
+
+                return -(-len(read_audio(p, SAMPLE_RATE)) // FRAME)
+        except Exception:
+            return 0
     return 0
 
 

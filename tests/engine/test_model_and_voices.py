@@ -178,6 +178,10 @@ def test_custom_wav_voice_equals_its_recorded_pt(demo_model, tmp_path):
         assert voice.codes is not None and voice.codes.shape == (19, 8)
         with pytest.raises(VoiceNotFound):
             eng.voice(str(wav))  # paths only from trusted config
+    from agent.personas.tools import voice_steps
+
+    # `personas check` counts the wav's prompt steps as the engine spends them
+    assert voice_steps(None, str(wav)) == voice.prompt_steps == 19
     save_voice_pt(record_voice_prompt(demo_model.lm, voice.codes, "me"), tmp_path / "me.pt")
     outs = []
     for spec in (str(wav), str(tmp_path / "me.pt")):
