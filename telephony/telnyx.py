@@ -37,7 +37,7 @@ import numpy as np
 
 from telephony import wire
 from telephony.codecs import ByteOrder, l16_decode, l16_encode, mulaw_decode, mulaw_encode
-from telephony.streams import (AudioFormat, Connected, DtmfIn, Ignored, MarkIn, MediaIn, Started,
+from telephony.streams import (AudioFormat, Connected, Ignored, MediaIn, Started,
                                Stopped, StreamEvent, WireError)
 
 CARRIER = "telnyx"
@@ -123,12 +123,10 @@ class TelnyxStream:
             return self._media(msg, where)
         if event == "dtmf":
             self._check_id(msg, where)
-            dtmf = wire.get_obj(msg, "dtmf", where)
-            return DtmfIn(wire.dtmf_digit(wire.get_str(dtmf, "digit", where + ".dtmf"), where))
+            return wire.dtmf_event(msg, where)
         if event == "mark":
             self._check_id(msg, where)
-            mark = wire.get_obj(msg, "mark", where)
-            return MarkIn(wire.get_str(mark, "name", where + ".mark"))
+            return wire.mark_event(msg, where)
         if event == "error":
             return Ignored(self._error(msg, where))
         if event == "stop":

@@ -14,7 +14,7 @@ import binascii
 import json
 from typing import Any
 
-from telephony.streams import WireError
+from telephony.streams import DtmfIn, MarkIn, WireError
 
 #: Largest text frame accepted (characters). A 20 ms media frame is about 300; this leaves room
 #: for big `start` frames (custom parameters) while refusing megabyte frames before json.loads.
@@ -150,3 +150,15 @@ def dtmf_digit(value: str, where: str) -> str:
     if len(digit) != 1 or digit not in DTMF_DIGITS:
         raise WireError(f"{where}: {value[:10]!r} is not a DTMF digit (0-9, *, #, A-D)")
     return digit
+
+
+def dtmf_event(msg: dict[str, Any], where: str) -> DtmfIn:
+    """A `dtmf` frame's key (both carriers send `{"dtmf": {"digit": "5"}}`)."""
+    dtmf = get_obj(msg, "dtmf", where)
+    return DtmfIn(dtmf_digit(get_str(dtmf, "digit", where + ".dtmf"), where))
+
+
+def mark_event(msg: dict[str, Any], where: str) -> MarkIn:
+    """A `mark` frame's name: the carrier has played our audio up to the mark we sent."""
+    mark = get_obj(msg, "mark", where)
+    return MarkIn(get_str(mark, "name", where + ".mark"))

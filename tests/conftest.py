@@ -77,9 +77,11 @@ def server(tmp_path, demo_dir):
     from tests.support.server import ServerProcess
 
     srv = ServerProcess(tmp_path, demo_dir.parent, {"engine": {"max_calls": 1, "retry_after_s": 3}})
-    srv.wait_ready()
-    yield srv
-    srv.stop()
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +96,17 @@ def spoken_wav(tmp_path_factory) -> Path:
     subprocess.run(["espeak-ng", "-w", str(out), "Hello, I would like to change my pickup day please."],
                    check=True, capture_output=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def caller_wav(tmp_path_factory) -> str:
+    """A browser caller's sentence (48 kHz, what Chromium's fake microphone and aiortc take)."""
+    from tests.support import require, speech_wav
+
+    require("espeak-ng")
+    require("sox")
+    d = tmp_path_factory.mktemp("webaudio")
+    return str(speech_wav(d / "caller48k.wav", "Hello, I am calling about my pickup schedule.", 48000))
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import pjsua2 as pj
 from agent.events import EndReason, Hold, TransferFailed
 from agent.session import CallSession
 from telephony.leg import CallLeg
-from telephony.sip.port import RATE, SAMPLES
+from telephony.sip.port import RATE, SAMPLES, CallAudioPort
 
 NAME = "sip"
 OUTBOUND_PACKETS = 1  # 20 ms of slack at the port: the SIP thread refills every few ms

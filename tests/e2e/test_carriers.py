@@ -14,7 +14,7 @@ import pytest
 from telephony.twilio import twilio_signature
 from tests.support import poll
 from tests.support.carriers import TelnyxCaller, TwilioCaller, twilio_voice_params, twilio_webhook_post
-from tests.support.server import ServerProcess, http_json, metric
+from tests.support.server import ServerProcess, http_json, metric, no_calls
 
 TOKEN = "test-auth-token-1234"
 CITYSAN = "+14155550100"
@@ -49,9 +49,6 @@ def call_end(srv, call_id_part: str | None = None, endpoint: str | None = None, 
                 and (endpoint is None or ln.get("endpoint") == endpoint)]
     return poll(ends, lambda e: len(e) >= n, 10, step=0.1)
 
-
-def no_calls(srv) -> bool:
-    return not poll(lambda: http_json(srv.ops_url + "/api/calls")[1]["calls"], lambda c: not c, 10, step=0.1)
 
 
 def loud(pcm: np.ndarray, thr: float = 0.01) -> bool:

@@ -15,25 +15,11 @@ from aiohttp import web
 
 from tests.support import poll, require
 from tests.support.carriers import TelnyxCaller
+from tests.support.personas import OMAR
 from tests.support.server import ServerProcess, http_json, http_text
 from tests.support.sipp import SCENARIOS, run_sipp
 from tests.support.webrtc_client import WebRtcCaller
 
-OMAR = """\
-kind: service
-numbers: ["2040"]
-company: CitySan Services
-business: waste management
-agent_name: Ayelen Lucero
-variables:
-  customer_name: ""
-  next_pickup: ""
-information:
-  - "Verify customer name {customer_name}."
-  - "Upcoming pickup: {next_pickup}."
-  - "Compost bin service available for $8/month add-on."
-voice: NATF2
-"""
 STOCK = ("You work for CitySan Services which is a waste management and your name is Ayelen Lucero. "
          "Information: ")
 COMPOST = "Compost bin service available for $8/month add-on."

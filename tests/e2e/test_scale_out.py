@@ -24,6 +24,7 @@ import pytest
 
 from tests.support import ROOT, free_port, poll, require, speech_wav
 from tests.support.server import ServerProcess, http_json, http_text
+from tests.support.sip_trace import Sipp
 
 KAMAILIO_CFG = ROOT / "deploy" / "kamailio" / "kamailio.cfg"
 HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
@@ -149,8 +150,35 @@ def ulaw(tmp_path_factory):
     return out
 
 
+class Daemon:
+    """A proxy started from its shipped config, its output in a log file; stopped politely."""
+
+    proc: subprocess.Popen
+    log_path: Path
+
+    def _spawn(self, cmd: list[str], env: dict | None = None) -> None:
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, n: int = 3000) -> str:
+        return self.log()[-n:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
 # -- Kamailio ----------------------------------------------------------------------------------------
-class Kamailio:
+class Kamailio(Daemon):
     """deploy/kamailio/kamailio.cfg as shipped, its addresses set with -A; the agents in a
     dispatcher.list written in the shipped template's format."""
 
@@ -163,12 +191,10 @@ class Kamailio:
         self.port = free_port(socket.SOCK_DGRAM)
         self.ctl = f"unix:{self.dir}/kamailio_ctl"
         self.log_path = self.dir / "kamailio.log"
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
+        self._spawn(
             ["kamailio", "-DD", "-E", "-f", str(KAMAILIO_CFG), "-Y", str(self.dir), "-m", "64", "-M", "8",
              "-A", "SIP_ADDR=127.0.0.1", "-A", f"SIP_PORT={self.port}", "-A", f'DS_LIST="{self.list}"',
-             "-A", f'CTL_SOCK="{self.ctl}"'],
-            stdout=self._log, stderr=subprocess.STDOUT)
+             "-A", f'CTL_SOCK="{self.ctl}"'])
 
     def rpc(self, *args: str) -> str:
         res = subprocess.run(["kamcmd", "-s", self.ctl, *args], capture_output=True, text=True, timeout=5)
@@ -193,22 +219,6 @@ class Kamailio:
         states = poll(self.states, lambda s: all(s.get(u, "").startswith("A") for u in want), timeout, step=0.1)
         assert all(states.get(u, "").startswith("A") for u in want), (states, self.log_tail())
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def log_tail(self, n: int = 3000) -> str:
-        return self.log()[-n:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
 
 @pytest.fixture(scope="module")
 def kamailio(farm, tmp_path_factory):
@@ -220,46 +230,16 @@ def kamailio(farm, tmp_path_factory):
         kam.stop()
 
 
-class Sipp:
-    """sipp callers through the proxy: `calls` calls at once, each `hold_ms` long (RTP streamed
-    to the agent the answer names), or one call that expects a refusal."""
-
-    def __init__(self, kam: Kamailio, tmp: Path, scenario: str, replace: dict, calls: int = 1,
-                 hold_ms: int = 0, timeout_s: int = 40):
-        text = (SCENARIOS / scenario).read_text()
-        for k, v in replace.items():
-            text = text.replace(k, v)
-        self.tmp = tmp
-        self.sf = tmp / f"{Path(scenario).stem}-{uuid.uuid4().hex[:6]}.xml"
-        self.sf.write_text(text)
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            ["sipp", f"127.0.0.1:{kam.port}", "-sf", str(self.sf), "-s", "1001", "-m", str(calls),
-             "-l", str(calls), "-r", "50", "-rp", "1000", "-d", str(hold_ms), "-i", "127.0.0.1",
-             "-p", str(free_port(socket.SOCK_DGRAM)), "-mp", str(free_port(socket.SOCK_DGRAM)),
-             "-timeout", f"{timeout_s}s", "-timeout_error", "-nostdin", "-trace_err", "-trace_msg"],
-            cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.timeout_s = timeout_s
-
-    def wait(self) -> tuple[int, str]:
-        try:
-            self.proc.communicate(timeout=self.timeout_s + 15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.communicate()
-        self.elapsed = time.monotonic() - self.started
-        msgs = "".join(p.read_text(errors="replace") for p in self.tmp.glob(f"{self.sf.stem}*messages.log"))
-        errs = "".join(p.read_text(errors="replace") for p in self.tmp.glob(f"{self.sf.stem}*errors.log"))
-        return self.proc.returncode, errs + msgs[-4000:]
-
-
 def place(kam, tmp, ulaw, calls, hold_ms) -> Sipp:
-    return Sipp(kam, tmp, "uac_proxy_call.xml", {"@RTP_FILE@": str(ulaw)}, calls=calls, hold_ms=hold_ms)
+    """`calls` sipp callers at once through the proxy, each `hold_ms` long (RTP streamed to the
+    agent the answer names); wait() gives (status, trace)."""
+    return Sipp(kam.port, SCENARIOS / "uac_proxy_call.xml", "1001", tmp, {"@RTP_FILE@": str(ulaw)}, timeout=40,
+                extra=["-d", str(hold_ms)], calls=calls).start()
 
 
 def expect_refusal(kam, tmp, code: str, header_re: str) -> tuple[int, str]:
-    return Sipp(kam, tmp, "uac_expect.xml", {"@CODE@": code, "@HEADER@": "-", "@HEADER_RE@": header_re},
-                timeout_s=15).wait()
+    return Sipp(kam.port, SCENARIOS / "uac_expect.xml", "1001", tmp,
+                {"@CODE@": code, "@HEADER@": "-", "@HEADER_RE@": header_re}, timeout=15).start().wait()
 
 
 def options(agent: Agent) -> str:
@@ -448,7 +428,7 @@ def test_sip_sigkill_fails_over_and_the_probe_takes_the_agent_out(farm, kamailio
 
 
 # -- HAProxy in front of two agents ----------------------------------------------------------------
-class HAProxy:
+class HAProxy(Daemon):
     """deploy/haproxy/haproxy.cfg as shipped; its addresses from the environment it documents."""
 
     def __init__(self, tmp: Path, servers: list[str]):
@@ -456,11 +436,9 @@ class HAProxy:
         self.port = free_port()
         self.sock = tmp / "haproxy.sock"
         self.log_path = tmp / "haproxy.log"
-        self._log = open(self.log_path, "w")
         env = dict(os.environ, HAPROXY_BIND=f"127.0.0.1:{self.port}", HAPROXY_STATS=str(self.sock),
                    HAPROXY_LOG="stdout", AGENT1=servers[0], AGENT2=servers[1])
-        self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(HAPROXY_CFG)], env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
+        self._spawn(["haproxy", "-db", "-f", str(HAPROXY_CFG)], env=env)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def api(self, cmd: str) -> str:
@@ -490,23 +468,6 @@ class HAProxy:
                    step=0.05)
         return time.monotonic() - t0 if all(got.get(k) == v for k, v in want.items()) else None
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
-@pytest.fixture(scope="module")
-def caller_wav(tmp_path_factory):
-    require("espeak-ng")
-    require("sox")
-    d = tmp_path_factory.mktemp("webaudio")
-    return str(speech_wav(d / "caller48k.wav", "Hello, I am calling about my pickup schedule.", 48000))
 
 
 def test_http_offers_spread_and_a_draining_agent_leaves_rotation(farm, caller_wav, tmp_path):

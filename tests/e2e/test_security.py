@@ -206,8 +206,6 @@ def test_oversized_offers_and_a_flooding_page_are_bounded(tmp_path, demo_dir):
 
 
 def test_config_check_warns_on_unsafe_settings(tmp_path):
-    from agent.cli import main
-
     cfg = tmp_path / "open.yaml"
     cfg.write_text("http: {host: 0.0.0.0}\nops: {host: 0.0.0.0}\nwebrtc: {playground: true}\n")
     out = subprocess.run([sys.executable, "-m", "agent", "config-check", str(cfg)], capture_output=True,

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.support import ROOT, free_port, poll, require, speech_wav, speechlike
-from tests.support.server import ServerProcess, http_json, metric
+from tests.support.server import (ServerProcess, assert_calls_settled, call_end_of, ended, http_json, metric,
+                                  no_calls)
 from tests.support.sip_trace import log_time, parse_trace
 from tests.support.sip_trace import sipp as run_sipp
 
@@ -80,38 +81,10 @@ def edge(tmp_path_factory, demo_dir):
 
 @pytest.fixture(autouse=True)
 def calls_settle(request):
-    """After a test on the shared server, wait until every call it placed has ended and its
-    call_end line is written: no call of one test may end during the next one."""
     yield
     if "edge" in request.fixturenames:
-        srv = request.getfixturevalue("edge")
+        assert_calls_settled(request.getfixturevalue("edge"))
 
-        def unfinished() -> set[str]:
-            lines = srv.lines()
-            return ({ln["call_id"] for ln in lines if ln.get("event") == "call_start"}
-                    - {ln["call_id"] for ln in lines if ln.get("event") == "call_end"})
-        assert not poll(unfinished, lambda left: not left, 20), "calls still up after the test"
-
-
-def ended(srv) -> set[str]:
-    """call_ids of the SIP calls that have ended so far."""
-    return {ln["call_id"] for ln in srv.lines() if ln.get("event") == "call_end" and ln.get("endpoint") == "sip"}
-
-
-def call_end_of(srv, before: set[str], number: str, timeout: float = 10.0) -> dict:
-    """The call_end line of the one SIP call to `number` that ended since `before` (waits for
-    it: the line is written after the slot is freed). A call of an earlier test that ends late
-    cannot be mistaken for it."""
-    def new():
-        return [ln for ln in srv.lines() if ln.get("event") == "call_end" and ln.get("endpoint") == "sip"
-                and ln["call_id"] not in before and ln.get("number") == number]
-    ends = poll(new, bool, timeout, step=0.1)
-    assert len(ends) == 1, ends
-    return ends[0]
-
-
-def no_calls(srv) -> bool:
-    return not poll(lambda: http_json(srv.ops_url + "/api/calls")[1]["calls"], lambda c: not c, 15, step=0.1)
 
 
 def client_summary(stdout: str) -> dict:

@@ -60,7 +60,6 @@ def test_prefilled_start_equals_stepped_prompt_and_leaves_live_rows_alone(demo_m
         eng.start(2, sch, sampling, seed=11)  # one forward, in a state of its own
         assert eng.position(1) == positions_before  # the live row did not move
         assert eng.phase(2) is Phase.PROMPT and eng.position(2) == sch.steps - 1
-        others: dict[int, list] = {}
         it = iter(neighbour_in[5:])
         prefilled = []
         while len(prefilled) < len(frames) + 1:

@@ -513,3 +513,17 @@ async def twilio_webhook_post(url: str, params: dict[str, str], auth_token: str 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
         async with http.post(url, data=params, headers=headers) as r:
             return r.status, await r.text()
+
+
+async def serve_locally(handler) -> tuple[Any, int]:
+    """An aiohttp server on 127.0.0.1 (a free port) answering every path with `handler`:
+    (runner to clean up, port). Stands in for the far end in the wire tests."""
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]

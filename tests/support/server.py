@@ -170,3 +170,39 @@ def wait_capacity(srv: "ServerProcess", capacity_left: int, timeout: float = 10.
     status_ready = poll(lambda: http_json(srv.url + "/readyz"),
                         lambda r: r[0] == 200 and r[1]["capacity_left"] == capacity_left, timeout)
     return status_ready[1]
+
+
+def unfinished_calls(srv: "ServerProcess") -> set[str]:
+    """call_ids with a call_start line and no call_end line yet."""
+    lines = srv.lines()
+    return ({ln["call_id"] for ln in lines if ln.get("event") == "call_start"}
+            - {ln["call_id"] for ln in lines if ln.get("event") == "call_end"})
+
+
+def assert_calls_settled(srv: "ServerProcess", timeout: float = 20.0) -> None:
+    """After a test on a shared server: every call it placed has ended and its call_end line is
+    written, so no call of one test can end during the next one."""
+    assert not poll(lambda: unfinished_calls(srv), lambda left: not left, timeout), "calls still up after the test"
+
+
+def ended(srv: "ServerProcess", endpoint: str = "sip") -> set[str]:
+    """call_ids of the calls over `endpoint` that have ended so far."""
+    return {ln["call_id"] for ln in srv.lines() if ln.get("event") == "call_end" and ln.get("endpoint") == endpoint}
+
+
+def call_end_of(srv: "ServerProcess", before: set[str], number: str, timeout: float = 10.0,
+                endpoint: str = "sip") -> dict:
+    """The call_end line of the one call to `number` that ended since `before` (waits for it:
+    the line is written after the slot is freed). A call of an earlier test that ends late
+    cannot be mistaken for it."""
+    def new():
+        return [ln for ln in srv.lines() if ln.get("event") == "call_end" and ln.get("endpoint") == endpoint
+                and ln["call_id"] not in before and ln.get("number") == number]
+    ends = poll(new, bool, timeout, step=0.1)
+    assert len(ends) == 1, ends
+    return ends[0]
+
+
+def no_calls(srv: "ServerProcess", timeout: float = 15.0) -> bool:
+    """True once the server lists no call in progress (within `timeout`)."""
+    return not poll(lambda: http_json(srv.ops_url + "/api/calls")[1]["calls"], lambda c: not c, timeout, step=0.1)

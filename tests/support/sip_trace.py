@@ -13,6 +13,7 @@ import re
 import shutil
 import socket
 import subprocess
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -123,29 +124,33 @@ def _media_port() -> int:
 
 class Sipp:
     """One sipp user agent against `127.0.0.1:port` playing `scenario` (with text replacements)
-    once; `start()` runs it in the background, `wait()` returns (exit status, message trace).
-    Ports are chosen free and a start that loses a port race (sipp: "Unable to bind") is retried
-    with new ports: another process on a shared machine, not the server, took the port."""
+    `calls` times, all at once; `start()` runs it in the background, `wait()` returns (exit
+    status, message trace) and sets `elapsed`. Ports are chosen free and a start that loses a
+    port race (sipp: "Unable to bind") is retried with new ports: another process on a shared
+    machine, not the server, took the port."""
 
     def __init__(self, port: int, scenario: Path, service: str, tmp: Path, replace: dict | None = None,
-                 timeout: int = 30, extra: list[str] | None = None):
+                 timeout: int = 30, extra: list[str] | None = None, calls: int = 1):
         text = Path(scenario).read_text()
         for k, v in (replace or {}).items():
             text = text.replace(k, v)
         self.tmp, self.timeout = tmp, timeout
         self.sf = tmp / f"{Path(scenario).stem}-{uuid.uuid4().hex[:6]}.xml"
         self.sf.write_text(text)
-        self.port, self.service, self.extra = port, service, list(extra or [])
+        self.port, self.service, self.extra, self.calls = port, service, list(extra or []), calls
         self.proc: subprocess.Popen | None = None
         self.output = ""
+        self.started = self.elapsed = 0.0
 
     def _cmd(self) -> list[str]:
         return [shutil.which("sipp") or "sipp", f"127.0.0.1:{self.port}", "-sf", str(self.sf), "-s", self.service,
-                "-m", "1", "-i", "127.0.0.1", "-p", str(free_port(socket.SOCK_DGRAM)), "-mp", str(_media_port()),
+                "-m", str(self.calls), "-l", str(self.calls), "-r", "50", "-rp", "1000", "-i", "127.0.0.1", "-p", str(free_port(socket.SOCK_DGRAM)), "-mp", str(_media_port()),
                 "-timeout", f"{self.timeout}s", "-timeout_error", "-nostdin", "-trace_err", "-trace_msg",
                 *self.extra]
 
     def start(self) -> "Sipp":
+        if not self.started:
+            self.started = time.monotonic()
         self.proc = subprocess.Popen(self._cmd(), cwd=self.tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         return self
@@ -163,6 +168,7 @@ class Sipp:
             for old in self.tmp.glob(f"{self.sf.stem}_*"):
                 old.unlink()
             self.start()
+        self.elapsed = time.monotonic() - self.started
         return self.proc.returncode, self.trace_text()
 
     def kill(self) -> None:
@@ -172,6 +178,9 @@ class Sipp:
 
     def trace_text(self) -> str:
         return "".join(p.read_text(errors="replace") for p in sorted(self.tmp.glob(f"{self.sf.stem}_*messages.log")))
+
+    def errors_text(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in sorted(self.tmp.glob(f"{self.sf.stem}_*errors.log")))
 
     @property
     def trace(self) -> list[SipMessage]:

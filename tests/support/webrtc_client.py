@@ -63,10 +63,15 @@ class WebRtcCaller:
     def kinds(self) -> list[str]:
         return [e.get("type") for e in self.events]
 
-    async def hangup(self) -> None:
+    async def hangup(self, timeout: float = 5.0) -> None:
+        """Hang up from the page's side; close once the server has said the call ended (its
+        last message) or `timeout` passed, so the server's end of the call is not raced."""
         if self.channel is not None and self.channel.readyState == "open":
             self.channel.send(json.dumps({"type": "hangup"}))
-            await asyncio.sleep(0.2)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while "ended" not in self.kinds() and loop.time() < deadline:
+                await asyncio.sleep(0.02)
         await self.close()
 
     async def close(self) -> None:

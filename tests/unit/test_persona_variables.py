@@ -9,24 +9,9 @@ import pytest
 
 from agent.context import MAX_VALUE_CHARS, builtin_variables, clean_value, clean_variables
 from agent.personas import load_persona_dir
-from agent.personas.schema import PersonaError
 from agent.voices import STOCK_VOICES
+from tests.support.personas import OMAR
 
-OMAR = """\
-kind: service
-numbers: ["2040"]
-company: CitySan Services
-business: waste management
-agent_name: Ayelen Lucero
-variables:              # name: default ("" = unknown)
-  customer_name: ""
-  next_pickup: ""
-information:
-  - "Verify customer name {customer_name}."
-  - "Upcoming pickup: {next_pickup}."
-  - "Compost bin service available for $8/month add-on."
-voice: NATF2
-"""
 
 
 def persona(tmp_path: Path, text: str = OMAR, name: str = "omar.yaml"):

@@ -326,13 +326,9 @@ async def _agent_server(seen: list, reorder: bool = True):
                 break
         return ws
 
-    app = web.Application()
-    app.router.add_get("/telnyx", agent)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, site._server.sockets[0].getsockname()[1]
+    from tests.support.carriers import serve_locally
+
+    return await serve_locally(agent)
 
 
 async def test_telnyx_caller_l16_shuffled_is_put_back_in_order():

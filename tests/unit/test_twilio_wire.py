@@ -289,15 +289,9 @@ def test_valid_signature_accepts_url_with_or_without_default_port():
 # ---- the test caller (tests/support/carriers.py) against this module, over a loopback socket ------
 
 async def _serve(handler):
-    from aiohttp import web
+    from tests.support.carriers import serve_locally
 
-    app = web.Application()
-    app.router.add_route("*", "/{path:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, site._server.sockets[0].getsockname()[1]
+    return await serve_locally(handler)
 
 
 async def test_twilio_caller_speaks_what_twilio_stream_parses():
