@@ -177,14 +177,21 @@ class Scheduler:
 
         def warmed() -> bool:  # by our own call, or by real calls that came first
             return any(s.stats.frames_out >= 3 for s in [sess, *self._calls.values()])
-        while not warmed() and time.monotonic() < deadline:
-            time.sleep(0.01)
         ended = threading.Event()
 
         def end() -> None:  # never waits for a slot; leaves nothing behind
             self._end(sess, EndReason.SHUTDOWN)
             ended.set()
-        self._cmds.put(end)
+        released = False
+        while not warmed() and time.monotonic() < deadline:
+            if not released and self._admitted > 0:
+                # real calls came during warm-up: they warm the path themselves, and ours gives
+                # its slot up at once rather than make one of them wait for it
+                self._cmds.put(end)
+                released = True
+            time.sleep(0.01)
+        if not released:
+            self._cmds.put(end)
         return ended.wait(max(0.0, deadline - time.monotonic())) and warmed()
 
     def begin_drain(self) -> None:

@@ -177,7 +177,12 @@ def main() -> None:
     ap.add_argument("--vad-per-call", action="store_true", help="VAD call by call (before batching)")
     ap.add_argument("--no-old", action="store_true", help="skip the old (stepped prompt) path")
     ap.add_argument("--model-dir", help="PersonaPlex weights to run on CUDA instead of the demo model")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (0: as the server, one fewer than the cores)")
     args = ap.parse_args()
+    from agent.threads import configure_torch_threads
+
+    configure_torch_threads(args.threads)
     from agent.logging_setup import configure_logging
 
     configure_logging("console", "warning")

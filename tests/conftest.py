@@ -109,6 +109,15 @@ def caller_wav(tmp_path_factory) -> str:
     return str(speech_wav(d / "caller48k.wav", "Hello, I am calling about my pickup schedule.", 48000))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def torch_threads():
+    """In-process engines run with the server's thread rule (agent/threads.py), so the real-time
+    scheduler tests see the timing a server on this machine has."""
+    from agent.threads import configure_torch_threads
+
+    configure_torch_threads()
+
+
 @pytest.fixture(scope="session")
 def demo_model(demo_dir):
     from agent.model_files import local_model_files

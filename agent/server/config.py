@@ -30,6 +30,9 @@ class ModelConfig(_Strict):
     device: str = "auto"
     cpu_offload: bool = False
     hf_token: SecretStr | None = None
+    # torch's CPU threads: 0 = one fewer than the cores (the transports and VAD need one; see
+    # agent/threads.py)
+    cpu_threads: int = Field(0, ge=0, le=1024)
 
 
 class SamplingConfig(_Strict):

@@ -97,7 +97,9 @@ class Runtime:
     def load_model(self) -> LoadedModel:
         if self.model is None:
             from agent.model_loader import load_model
+            from agent.threads import configure_torch_threads
 
+            configure_torch_threads(self.cfg.model.cpu_threads)
             files = choose_model_files(self.cfg)
             self.model = load_model(files, device=self.cfg.model.device, cpu_offload=self.cfg.model.cpu_offload)
         self.ready.model = True

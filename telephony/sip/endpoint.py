@@ -201,6 +201,15 @@ class SipEndpoint:
             call.check_rtp(self.cfg.rtp_timeout_s)
         self._dead.clear()
 
+    def _drop_calls(self) -> None:
+        """Our call objects go (on this thread, before libDestroy). A loop variable in
+        `_destroy` itself would keep the last call alive until after libDestroy, and its
+        destructor would then abort the process (pjsua_call_set_user_data: Assertion)."""
+        for call in list(self.calls.values()):
+            call.port = None
+        self.calls.clear()
+        self._dead.clear()
+
     def _run_commands(self) -> None:
         run_pending(self._cmds, lambda exc: exc.info() if isinstance(exc, pj.Error) else None)
 
@@ -219,10 +228,7 @@ class SipEndpoint:
             # stop the bridge clock first (the null sound device's thread): only then can the
             # ports go without a callback landing in a freed one
             _quietly(lambda: self.ep.audDevManager().setNoDev())
-        for call in list(self.calls.values()):
-            call.port = None
-        self.calls.clear()
-        self._dead.clear()
+        self._drop_calls()
         self.ports.destroy()
         gc.collect()  # anything pjsua2 in a reference cycle goes now, on this thread
         if self.account is not None:

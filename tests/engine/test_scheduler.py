@@ -14,7 +14,7 @@ import pytest
 from agent.barge_in import BargeInConfig
 from agent.events import CallState, EndReason, StateChanged
 from agent.personas import load_persona_dir
-from agent.scheduler import CallRefused, Scheduler, SchedulerConfig
+from agent.scheduler import TICK_MARGIN_S, CallRefused, Scheduler, SchedulerConfig
 from agent.session import FRAME
 from agent.voices import STOCK_VOICES
 from tests.support import poll, speechlike
@@ -82,6 +82,13 @@ class Caller(threading.Thread):
             if f is not None:
                 self.heard.append(f)
             time.sleep(max(0.0, t0 + i / 24000 - time.monotonic()))
+
+
+def room_for_catch_up(sch: Scheduler) -> bool:
+    """Whether a second step fits in a tick on this machine (the scheduler's own step estimate):
+    catch-up steps are only promised then. On a slower machine a backlog is consumed one frame
+    per tick instead, still whole and in order (the tests check that either way)."""
+    return 2 * sch.step_est_s < sch.config.tick_s - TICK_MARGIN_S
 
 
 def talk(sessions, seconds: float, seed0: int = 1) -> list[Caller]:
@@ -188,7 +195,8 @@ def test_no_caller_audio_lost_across_a_stalled_tick(make_scheduler, personas):
     heard = spoken_once_consumed(consumed[sess.call_id], len(signal))
     np.testing.assert_array_equal(heard, signal)  # every sample, in order
     assert sess.stats.caller_dropped_samples == 0
-    assert sess.stats.catch_up_steps >= 2  # the stall's backlog was stepped through, not trimmed
+    if room_for_catch_up(sch):
+        assert sess.stats.catch_up_steps >= 2  # the stall's backlog was stepped through, not trimmed
 
 
 def test_late_caller_audio_is_silence_then_caught_up(make_scheduler, personas):
@@ -208,9 +216,26 @@ def test_late_caller_audio_is_silence_then_caught_up(make_scheduler, personas):
     ticks0 = sch.ticks
     sess.push_audio(burst)
     assert wait_for(lambda: len(spoken(frames[at:])) >= len(burst), 5)
-    assert sch.ticks - ticks0 <= 2  # consumed within a tick or two, not one frame per tick
     np.testing.assert_array_equal(spoken(frames[at:]), burst)
-    assert sess.stats.catch_up_steps >= 1 and sch.metrics.late_inbound._value.get() >= late
+    assert sch.metrics.late_inbound._value.get() >= late
+    if room_for_catch_up(sch):
+        assert sch.ticks - ticks0 <= 2  # consumed within a tick or two, not one frame per tick
+        assert sess.stats.catch_up_steps >= 1
+
+
+def test_a_backlog_is_stepped_through_by_catch_up_steps(make_scheduler, personas):
+    """The catch-up path itself, whatever this machine's speed: unpaced (no tick deadline), every
+    tick gives a call with a whole frame left over one extra step, so a burst is consumed two
+    frames a tick, whole and in order."""
+    sch = make_scheduler(warm=False, max_calls=1, realtime=False)
+    consumed = record_consumed(sch)
+    sess = sch.place_call(personas.route("1001"), "1001", "test")
+    assert wait_for(lambda: sess.state is CallState.LIVE, 10)
+    burst = caller_signal(0.32, 4)  # four frames at once (within the 400 ms latency bound)
+    sess.push_audio(burst)
+    heard = spoken_once_consumed(consumed[sess.call_id], len(burst))
+    np.testing.assert_array_equal(heard, burst)
+    assert sess.stats.catch_up_steps >= 2 and sess.stats.caller_dropped_samples == 0
 
 
 def test_audio_older_than_the_latency_bound_is_dropped_and_counted(make_scheduler, personas):
