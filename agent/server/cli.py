@@ -25,7 +25,21 @@ def cmd_serve(args) -> int:
         cfg.http.ssl_dir = Path(args.ssl)
     configure_logging(args.log_format if args.log_format != "auto" else cfg.logging.format,
                       cfg.logging.level if args.log_level == "info" else args.log_level)
-    return asyncio.run(Runtime(cfg).serve_forever())
+    try:
+        return asyncio.run(Runtime(cfg).serve_forever())
+    except Exception as exc:
+        # A start that failed (a taken port, a bad certificate): say why and exit 1 now. Tearing
+        # the interpreter down normally after pjsua2 and torch have run can abort in their native
+        # destructors, which would bury the reason under a crash.
+        import os
+        import sys
+
+        import structlog
+
+        structlog.get_logger(__name__).critical("start_failed", error=str(exc), exc_info=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def cmd_config_check(args) -> int:

@@ -81,6 +81,7 @@ class Runtime:
         self.registry: PersonaRegistry | None = None
         self.scheduler: Scheduler | None = None
         self.admission = None  # telephony.admission.Admission, built with the scheduler
+        self.context = None  # agent.context.ContextResolver, built with the scheduler
         self.endpoints: list = []
         self.app: web.Application | None = None
         self._runner: web.AppRunner | None = None
@@ -267,8 +268,16 @@ class Runtime:
         while self.scheduler.active_calls and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         left = len(self.scheduler.active_calls)
-        self.scheduler.stop(EndReason.SHUTDOWN)  # remaining calls get a polite hang-up (BYE / page notice)
-        await asyncio.sleep(0.2)
+        await self._teardown()
+        log.info("stopped", hung_up=left)
+
+    async def _teardown(self) -> None:
+        """Stop what was started, in reverse: also after a start that failed half-way (a taken
+        port), so that no engine or SIP thread is still running torch or pjsip when the
+        interpreter exits (that crashes the process instead of exiting with the error)."""
+        if self.scheduler is not None:
+            self.scheduler.stop(EndReason.SHUTDOWN)  # remaining calls get a polite hang-up (BYE / page notice)
+            await asyncio.sleep(0.2)
         for ep in reversed(self.endpoints):
             try:
                 await ep.stop()
@@ -276,11 +285,11 @@ class Runtime:
                 log.exception("endpoint_stop_failed", endpoint=type(ep).__name__)
         if self.registry is not None:
             self.registry.stop_watching()
-        await self.context.lookup.close()
+        if self.context is not None:
+            await self.context.lookup.close()
         for runner in (self._runner, self._ops_runner):
             if runner is not None:
                 await runner.cleanup()
-        log.info("stopped", hung_up=left)
 
     async def serve_forever(self) -> int:
         stop = asyncio.Event()
@@ -296,7 +305,11 @@ class Runtime:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig.name)
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            await self._teardown()
+            raise
         await stop.wait()
         await self.drain_and_stop()
         return 0

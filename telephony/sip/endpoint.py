@@ -67,6 +67,7 @@ class SipEndpoint:
         self.calls: dict[int, SipCall] = {}
         self._dead: list[SipCall] = []
         self.ports = PortPool()
+        self._lib_started = False
         self.ep: pj.Endpoint | None = None
         self.account: _Account | None = None
 
@@ -136,6 +137,7 @@ class SipEndpoint:
                 tc.tlsConfig.privKeyFile = str(c.tls_key_file or "")
             ep.transportCreate(kind, tc)
         ep.libStart()
+        self._lib_started = True
         sip_options.install(self.runtime)  # OPTIONS 503 while draining or full (proxy probes)
         self._set_codecs()
         ac = pj.AccountConfig()
@@ -224,9 +226,11 @@ class SipEndpoint:
         # pjsua2 objects must go before libDestroy, or pjlib asserts
         import gc
 
-        if self.ep is not None:
+        if self.ep is not None and self._lib_started:
             # stop the bridge clock first (the null sound device's thread): only then can the
-            # ports go without a callback landing in a freed one
+            # ports go without a callback landing in a freed one. Not before libStart (a start
+            # that failed, e.g. on a taken port): there is no clock yet, and pjsua2 then aborts
+            # the process at exit
             _quietly(lambda: self.ep.audDevManager().setNoDev())
         self._drop_calls()
         self.ports.destroy()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, free_port, poll, require, speech_wav
+from tests.support import ROOT, free_port, poll, require, speech_wav, stable_port
 from tests.support.server import ServerProcess, http_json, http_text
 from tests.support.sip_trace import Sipp
 
@@ -45,8 +45,9 @@ class Agent:
     def __init__(self, index: int, tmp: Path, cache: Path):
         self.index, self.tmp, self.cache = index, tmp, cache
         self.name = f"agent-{index + 1}"
-        self.http_port = free_port()
-        self.sip_port = free_port(socket.SOCK_DGRAM)
+        # restarted on these same ports: below the ephemeral range, so no caller can take them
+        self.http_port = stable_port()
+        self.sip_port = stable_port()
         self.generation = 0
         self.srv: ServerProcess | None = None
 

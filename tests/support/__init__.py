@@ -6,6 +6,7 @@ loaded): `poll` is the one way to do that.
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import time
@@ -31,6 +32,30 @@ def free_port(kind=socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_STABLE_GIVEN: set[int] = set()  # never hand the same port to two servers of one test run
+
+
+def stable_port(low: int = 24000, high: int = 32000) -> int:
+    """A port free for both UDP and TCP, below the kernel's ephemeral range (32768 up), for a
+    server a test restarts on the same port: while it is down, no client's bind(0) or connect
+    can take it (seen: a sipp caller got a killed agent's SIP port, and the restart failed)."""
+    rng = random.Random()
+    for _ in range(500):
+        port = rng.randrange(low, high)
+        if port in _STABLE_GIVEN:
+            continue
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u, \
+                    socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+                u.bind(("127.0.0.1", port))
+                t.bind(("127.0.0.1", port))
+            _STABLE_GIVEN.add(port)
+            return port
+        except OSError:
+            continue
+    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 def frames_of(pcm: np.ndarray, frame: int = 1920) -> list[np.ndarray]:
