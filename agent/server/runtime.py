@@ -273,8 +273,8 @@ class Runtime:
 
     async def _teardown(self) -> None:
         """Stop what was started, in reverse: also after a start that failed half-way (a taken
-        port), so that no engine or SIP thread is still running torch or pjsip when the
-        interpreter exits (that crashes the process instead of exiting with the error)."""
+        port), so the engine thread and the endpoints that did start end cleanly before the
+        CLI exits with the error (see `cmd_serve`)."""
         if self.scheduler is not None:
             self.scheduler.stop(EndReason.SHUTDOWN)  # remaining calls get a polite hang-up (BYE / page notice)
             await asyncio.sleep(0.2)

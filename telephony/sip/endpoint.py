@@ -229,8 +229,7 @@ class SipEndpoint:
         if self.ep is not None and self._lib_started:
             # stop the bridge clock first (the null sound device's thread): only then can the
             # ports go without a callback landing in a freed one. Not before libStart (a start
-            # that failed, e.g. on a taken port): there is no clock yet, and pjsua2 then aborts
-            # the process at exit
+            # that failed, e.g. on a taken port): there is no clock to stop yet
             _quietly(lambda: self.ep.audDevManager().setNoDev())
         self._drop_calls()
         self.ports.destroy()

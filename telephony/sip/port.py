@@ -83,9 +83,6 @@ class PortPool:
         if port not in self._free:
             self._free.append(port)
 
-    def __len__(self) -> int:
-        return len(self._all)
-
     def destroy(self) -> None:
         """Only once nothing drives the bridge clock (the SIP endpoint's shutdown)."""
         self._free.clear()

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from tests.support import free_port, poll, require, speech_wav
-from tests.support.server import (ServerProcess, assert_calls_settled, call_end_of, ended, http_json, metric)
+from tests.support.server import (ServerProcess, assert_calls_settled, call_end_of, ended, http_json, metric,
+                                  no_calls)
 from tests.support.sip_trace import parse_trace, sdp_direction
 from tests.support.sip_trace import sipp as run_sipp
 
@@ -70,10 +71,6 @@ def call_ends(srv, at_least: int = 1, timeout: float = 5.0) -> list[dict]:
                 lambda ends: len(ends) >= at_least, timeout, step=0.1)
 
 
-def wait_calls_gone(srv, timeout=10.0):
-    return not poll(lambda: http_json(srv.ops_url + "/api/calls")[1]["calls"], lambda calls: not calls, timeout, step=0.1)
-
-
 def sipp(srv, scenario: Path, service: str, tmp: Path, replace: dict | None = None, timeout: int = 30,
          extra: list[str] | None = None):
     return run_sipp(srv.sip_port, scenario, service, tmp, replace, timeout, extra)
@@ -109,7 +106,7 @@ def test_pjsua2_caller_hears_the_agent(sip_server, audio, tmp_path, codec):
     heard, sr = sphn.read(str(out))
     assert sr == 16000 and heard.shape[-1] > 16000 * 2
     assert np.abs(heard).max() > 0.02  # the agent's audio came back over RTP
-    assert wait_calls_gone(sip_server)
+    assert no_calls(sip_server)
     end = call_end_of(sip_server, before, "+14155550100")
     assert end["persona"] == "citysan" and end["reason"] == "caller_hangup"
     assert end["frames_in"] > 20 and end["caller_peak"] > 0.05  # the caller's audio reached the session
@@ -120,7 +117,7 @@ def test_sipp_call_with_rtp_audio(sip_server, audio, tmp_path):
     rc, msgs = sipp(sip_server, SCENARIOS / "uac_call.xml", "1001", tmp_path, {"@RTP_FILE@": str(audio["ulaw"])})
     assert rc == 0, msgs[-3000:]
     assert "SIP/2.0 180 Ringing" in msgs and "SIP/2.0 200 OK" in msgs
-    assert wait_calls_gone(sip_server)
+    assert no_calls(sip_server)
     end = call_end_of(sip_server, before, "1001")
     assert end["reason"] == "caller_hangup" and end["frames_in"] > 30 and end["caller_peak"] > 0.05
 
@@ -131,7 +128,7 @@ def test_sipp_cancel_before_answer_frees_the_slot(sip_server, tmp_path):
     rc, msgs = sipp(sip_server, SCENARIOS / "uac_cancel.xml", "1004", tmp_path)
     assert rc == 0, msgs[-3000:]
     assert "487 Request Terminated" in msgs
-    assert wait_calls_gone(sip_server)
+    assert no_calls(sip_server)
     assert call_end_of(sip_server, before, "1004")["reason"] == "cancelled"
     assert http_json(sip_server.url + "/readyz")[1]["capacity_left"] == 1
 
@@ -214,7 +211,7 @@ def test_dtmf_is_delivered_and_failed_transfer_keeps_the_call(sip_server, audio,
                          capture_output=True, text=True, timeout=60)
     summary = client_summary(res.stdout)
     assert summary["answered"]
-    assert wait_calls_gone(sip_server)
+    assert no_calls(sip_server)
     end = call_end_of(sip_server, before, "1001")
     assert end["reason"] == "caller_hangup"  # not ended by the failed transfer
     mine = [ln for ln in sip_server.lines() if ln.get("call_id") == end["call_id"]]
@@ -232,7 +229,7 @@ def test_caller_that_vanishes_is_hung_up_on_rtp_timeout(sip_server, tmp_path):
     assert rc == 0, msgs[-3000:]
     assert "BYE sip:" in msgs
     assert call_end_of(sip_server, before, "1001")["reason"] == "rtp_timeout"
-    assert wait_calls_gone(sip_server)
+    assert no_calls(sip_server)
 
 
 def test_dtmf_by_sip_info(sip_server, tmp_path):
@@ -289,7 +286,7 @@ def test_blind_transfer_to_a_person_frees_the_slot(sip_server, tmp_path):
         assert [(ln["digit"], ln["target"]) for ln in mine if ln.get("event") == "transfer_requested"] \
             == [("9", "sip:queue@127.0.0.1:5999")]
         assert metric(sip_server, 'personaplex_dtmf_total{endpoint="sip"}') == dtmf_before + 2
-        assert wait_calls_gone(sip_server)
+        assert no_calls(sip_server)
     finally:
         (personas_dir / "transfer-test.yaml").unlink()
         poll(lambda: http_json(sip_server.ops_url + "/api/personas")[1]["personas"],
@@ -405,6 +402,6 @@ def test_session_timer_refresh_keeps_the_call_and_expiry_ends_it(tmp_path, demo_
         assert end["reason"] == "session_expired", end
         # after the first expiry (refreshed: the call went on) and before the second one
         assert 90 < end["duration_s"] < 130, end
-        assert wait_calls_gone(srv)
+        assert no_calls(srv)
     finally:
         assert srv.stop() == 0

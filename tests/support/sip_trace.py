@@ -144,7 +144,8 @@ class Sipp:
 
     def _cmd(self) -> list[str]:
         return [shutil.which("sipp") or "sipp", f"127.0.0.1:{self.port}", "-sf", str(self.sf), "-s", self.service,
-                "-m", str(self.calls), "-l", str(self.calls), "-r", "50", "-rp", "1000", "-i", "127.0.0.1", "-p", str(free_port(socket.SOCK_DGRAM)), "-mp", str(_media_port()),
+                "-m", str(self.calls), "-l", str(self.calls), "-r", "50", "-rp", "1000", "-i", "127.0.0.1",
+                "-p", str(free_port(socket.SOCK_DGRAM)), "-mp", str(_media_port()),
                 "-timeout", f"{self.timeout}s", "-timeout_error", "-nostdin", "-trace_err", "-trace_msg",
                 *self.extra]
 
@@ -178,9 +179,6 @@ class Sipp:
 
     def trace_text(self) -> str:
         return "".join(p.read_text(errors="replace") for p in sorted(self.tmp.glob(f"{self.sf.stem}_*messages.log")))
-
-    def errors_text(self) -> str:
-        return "".join(p.read_text(errors="replace") for p in sorted(self.tmp.glob(f"{self.sf.stem}_*errors.log")))
 
     @property
     def trace(self) -> list[SipMessage]:

@@ -6,16 +6,9 @@ import socket
 import uuid
 from pathlib import Path
 
-from tests.support.sip_trace import sipp
+from tests.support.sip_trace import sipp as run_sipp  # noqa: F401  (one sipp runner: sip_trace.Sipp)
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "e2e" / "sipp"
-
-
-def run_sipp(sip_port: int, scenario: Path, service: str, tmp: Path, replace: dict | None = None,
-             timeout: int = 30, extra: list[str] | None = None) -> tuple[int, str]:
-    """One call of `scenario` to `service`@127.0.0.1:`sip_port` (text replacements applied first);
-    returns sipp's exit status and its message trace."""
-    return sipp(sip_port, scenario, service, tmp, replace, timeout, extra)
 
 
 def raw_sip(sip_port: int, text: str, timeout: float = 2.0) -> str | None:

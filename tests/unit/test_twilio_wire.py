@@ -22,6 +22,8 @@ from telephony.streams import (AudioFormat, Connected, DtmfIn, Ignored, MarkIn, 
 from telephony.twilio import (TwilioStream, connect_stream_twiml, reject_twiml, twilio_signature,
                               valid_signature)
 
+from tests.support.carriers import serve_locally
+
 SID = "MZ" + "0" * 31 + "1"
 CALL = "CA" + "0" * 31 + "2"
 ACCOUNT = "AC" + "0" * 31 + "3"
@@ -288,12 +290,6 @@ def test_valid_signature_accepts_url_with_or_without_default_port():
 
 # ---- the test caller (tests/support/carriers.py) against this module, over a loopback socket ------
 
-async def _serve(handler):
-    from tests.support.carriers import serve_locally
-
-    return await serve_locally(handler)
-
-
 async def test_twilio_caller_speaks_what_twilio_stream_parses():
     from aiohttp import web
 
@@ -322,7 +318,7 @@ async def test_twilio_caller_speaks_what_twilio_stream_parses():
                 break
         return ws
 
-    runner, port = await _serve(agent)
+    runner, port = await serve_locally(agent)
     try:
         caller = TwilioCaller(f"ws://127.0.0.1:{port}/twilio", parameters={"to": "+14155550100", "x": 'q"<'},
                               wav_or_pcm=np.tile(TONE, 30))
@@ -362,7 +358,7 @@ async def test_twilio_caller_records_the_agent_hanging_up():
                 await ws.close(code=1000)
         return ws
 
-    runner, port = await _serve(agent)
+    runner, port = await serve_locally(agent)
     try:
         caller = TwilioCaller(f"ws://127.0.0.1:{port}/twilio")
         await asyncio.wait_for(caller.run(5.0), 3.0)  # returns early
@@ -384,7 +380,7 @@ async def test_twilio_webhook_post_is_signed_like_twilio():
         return web.Response(text=connect_stream_twiml("wss://agent.example.com/s", {"to": form["To"]}),
                             content_type="text/xml")
 
-    runner, port = await _serve(voice)
+    runner, port = await serve_locally(voice)
     try:
         url = f"http://127.0.0.1:{port}/twilio/voice"
         params = twilio_voice_params(caller="+14155550111", dialled="+14155550100")
