@@ -15,3 +15,14 @@ class BadInput(AgentError):
 
 class VoiceNotFound(BadInput):
     """A voice name that is not among the installed voices."""
+
+
+class CallRefused(AgentError):
+    """A call that cannot be taken; `code` maps to SIP/HTTP answers at the endpoint. Here, not in
+    the scheduler that raises it, so admission (and the unit tests) name it without torch."""
+
+    def __init__(self, reason: str, code: str, retry_after: int | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code  # "busy", "draining", "unavailable"
+        self.retry_after = retry_after

@@ -73,12 +73,12 @@ def talk(calls, audio: np.ndarray, stop: threading.Event) -> threading.Thread:
 
 
 def run_new(model, persona, n: int, seconds: float, vad: str) -> dict:
-    from agent.barge_in import BargeInConfig
-    from agent.events import CallState
-    from agent.scheduler import Scheduler, SchedulerConfig
+    from agent.barge_in.detector import BargeInConfig
+    from agent.calls.events import CallState
+    from agent.calls.scheduler import Scheduler, SchedulerConfig
 
     if vad == "per-call":
-        from agent.vad import BatchedVad
+        from agent.barge_in.vad import BatchedVad
 
         def one_by_one(self, streams):
             probs = [[] for _ in streams]
@@ -141,9 +141,9 @@ def run_old(model, persona, n: int, tries: int = 3) -> float:
     """The old start path on the same engine: the new call's prompt stepped one frame per tick
     with the live calls, plus extra prompt steps in each tick's spare time (what the scheduler did
     before prefill). Median ms from placing the call to its first frame."""
-    from agent.engine import Engine
-    from agent.generator import Phase
-    from agent.sampling import SamplingParams
+    from agent.model.engine import Engine
+    from agent.model.generator import Phase
+    from agent.model.sampling import SamplingParams
 
     frames = speech_frames(8)
     out = []
@@ -180,20 +180,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (0: as the server, one fewer than the cores)")
     args = ap.parse_args()
-    from agent.threads import configure_torch_threads
+    from agent.model.threads import configure_torch_threads
 
     configure_torch_threads(args.threads)
-    from agent.logging_setup import configure_logging
+    from server.logging_setup import configure_logging
 
     configure_logging("console", "warning")
     from agent.personas import load_persona_dir
-    from agent.voices import STOCK_VOICES
+    from agent.model.voices import STOCK_VOICES
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     persona = load_persona_dir(os.path.join(root, "personas"), STOCK_VOICES).route("1001")
-    from agent.demo_model import demo_model_dir
-    from agent.model_files import local_model_files
-    from agent.model_loader import load_model
+    from agent.model.demo import demo_model_dir
+    from agent.model.files import local_model_files
+    from agent.model.loader import load_model
 
     if args.model_dir and torch.cuda.is_available():
         name, model = f"{args.model_dir}, CUDA", load_model(local_model_files(Path(args.model_dir)), device="cuda")

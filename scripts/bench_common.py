@@ -15,9 +15,9 @@ GOLDEN = ROOT.parent / "shared" / "golden" / "personaplex-tiny"
 
 def tiny_model(device: str = "cpu"):
     """The golden tiny model when present (same as the tests), else the built-in demo model."""
-    from agent.demo_model import demo_model_dir
-    from agent.model_files import local_model_files
-    from agent.model_loader import load_model
+    from agent.model.demo import demo_model_dir
+    from agent.model.files import local_model_files
+    from agent.model.loader import load_model
 
     src = GOLDEN if (GOLDEN / "model.safetensors").exists() else demo_model_dir()
     return load_model(local_model_files(src), device=device), src
@@ -35,9 +35,9 @@ class _IdTokenizer:
 
 def random_7b(device: str):
     """The PersonaPlex 7B architecture with random weights (no download) on `device`."""
-    from agent.arch import AUDIO_CODEBOOKS, default_7b
-    from agent.model_files import ModelFiles
-    from agent.model_loader import LoadedModel
+    from agent.model.arch import AUDIO_CODEBOOKS, default_7b
+    from agent.model.files import ModelFiles
+    from agent.model.loader import LoadedModel
     from moshi.models import loaders
     from moshi.models.lm import LMModel
 
@@ -55,8 +55,8 @@ def random_7b(device: str):
 
 
 def synthetic_schedule(model, n_text: int = 60, voice_frames: int = 20):
-    from agent.prompt import build_schedule
-    from agent.voices import VoicePrompt
+    from agent.model.prompt import build_schedule
+    from agent.model.voices import VoicePrompt
 
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 2048, (voice_frames, 8), generator=g)

@@ -24,8 +24,8 @@ BUDGET_MS = 80.0
 
 
 def step_time(model, batch: int, steps: int, warmup: int = 3) -> float:
-    from agent.engine import Engine
-    from agent.sampling import SamplingParams
+    from agent.model.engine import Engine
+    from agent.model.sampling import SamplingParams
 
     with Engine(model, batch) as eng:
         sch = synthetic_schedule(model, n_text=8, voice_frames=4)

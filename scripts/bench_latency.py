@@ -57,7 +57,7 @@ def onsets(events: list[tuple[float, np.ndarray]], thr: float = 0.3, gap_s: floa
 def install_taps() -> None:
     """Caller audio where it enters the shared leg; agent audio where each transport sends it."""
     import telephony.leg as leg
-    import telephony.media_stream as ms
+    import telephony.streams.base as ms
     import telephony.sip.port as sipport
     import telephony.webrtc.tracks as tracks
 
@@ -104,8 +104,8 @@ def free_port(kind=socket.SOCK_STREAM) -> int:
 
 
 def make_runtime(http_port: int, sip_port: int | None = None):
-    from agent.server.config import ServerConfig
-    from agent.server.runtime import Runtime
+    from server.config import ServerConfig
+    from server.runtime import Runtime
     from tests.support.fake_server import scripted
 
     cfg = ServerConfig.model_validate({
@@ -113,7 +113,7 @@ def make_runtime(http_port: int, sip_port: int | None = None):
         "engine": {"max_calls": 2, "barge_in": {"enabled": False}},
         "http": {"host": "127.0.0.1", "port": http_port},
         "sip": {"enabled": sip_port is not None, "port": sip_port or 5060, "rtp_port": 23000},
-        "twilio": {"enabled": True}, "logging": {"format": "json", "level": "warning"}})
+        "twilio": {"enabled": True, "allow_unsigned": True}, "logging": {"format": "json", "level": "warning"}})
     rt = Runtime(cfg)
     rt.on_warm.append(lambda r: scripted(r.scheduler, "echo"))
     return rt
@@ -200,7 +200,7 @@ def bench_sip(seconds: float) -> None:
 def main() -> None:
     import argparse
 
-    from agent.logging_setup import configure_logging
+    from server.logging_setup import configure_logging
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=10.0)

@@ -29,8 +29,8 @@ def schedule_of(model, steps: int):
 
 
 def measure(model, steps: int, batch: int, runs: int) -> tuple[float, float]:
-    from agent.engine import Engine
-    from agent.sampling import SamplingParams
+    from agent.model.engine import Engine
+    from agent.model.sampling import SamplingParams
 
     greedy = SamplingParams(greedy=True)
     sch = schedule_of(model, steps)

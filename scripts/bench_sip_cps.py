@@ -35,7 +35,7 @@ def main() -> None:
         sys.exit("sipp (Debian sip-tester) is needed")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        from agent.demo_model import default_cache_dir
+        from agent.model.demo import default_cache_dir
 
         srv = ServerProcess(tmp, default_cache_dir(), {
             "engine": {"max_calls": args.max_calls, "barge_in": {"enabled": False}},

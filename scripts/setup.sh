@@ -20,7 +20,8 @@ FOR_TESTS=0
 [ "${1:-}" = "--test" ] && FOR_TESTS=1
 
 # --- Debian packages (endpoints, test peers, test signals) -------------------------------
-DEB_PKGS=(sip-tester chromium firefox-esr espeak-ng sox libopus0 libsamplerate0 libsrtp2-1 kamailio haproxy)
+DEB_PKGS=(sip-tester chromium firefox-esr espeak-ng sox libopus0 libsamplerate0 libsrtp2-1 kamailio haproxy redis-server
+          systemd)  # systemd: `systemd-analyze verify` checks the shipped unit (tests)
 if [ "${SKIP_APT:-0}" != 1 ]; then
   missing=()
   for p in "${DEB_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -33,6 +33,41 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(getattr(pytest.mark, parts[0]))
 
 
+@pytest.fixture(autouse=True)
+def _structlog_config_per_test():
+    """A command run in-process (`personas check` sets level error) configures structlog for the
+    whole process; restored after each test, so a later test's `capture_logs` sees every level."""
+    import structlog
+
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_process_outlives_its_module():
+    """Every server, sipp, browser or client a module starts is stopped by its own fixtures; one
+    left running would eat the 2 cores the later real-time tests need (their timing, not their
+    logic, would fail). A survivor is killed and named in a warning, so the leak gets fixed."""
+    import warnings
+
+    import psutil
+
+    yield
+    me = psutil.Process()
+    left = me.children(recursive=True)
+    if not left:
+        return
+    _, alive = psutil.wait_procs(left, timeout=3)
+    for p in alive:
+        try:
+            name = " ".join(p.cmdline()[:4])
+            p.kill()
+        except psutil.Error:
+            continue
+        warnings.warn(f"a process outlived its test module and was killed: {name}", stacklevel=1)
+
+
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     if not (GOLDEN / "golden.json").exists():
@@ -49,8 +84,8 @@ def golden(golden_dir) -> dict:
 
 @pytest.fixture(scope="session")
 def golden_model(golden_dir):
-    from agent.model_files import local_model_files
-    from agent.model_loader import load_model
+    from agent.model.files import local_model_files
+    from agent.model.loader import load_model
 
     return load_model(local_model_files(golden_dir), device="cpu")
 
@@ -63,11 +98,13 @@ def golden_input(golden_dir) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def demo_dir(tmp_path_factory) -> Path:
-    from agent.demo_model import demo_model_dir
+def demo_dir() -> Path:
+    """The demo model, from the same cache `make run` uses ($PERSONAPLEX_CACHE, default
+    ~/.cache/personaplex-agent): built once (versioned, atomically, under a lock), then shared
+    by every test run. Test servers name this folder (`model.source: dir`)."""
+    from agent.model.demo import default_cache_dir, demo_model_dir
 
-    cache = Path(os.environ.get("PERSONAPLEX_TEST_CACHE", tmp_path_factory.mktemp("cache")))
-    return demo_model_dir(cache)
+    return demo_model_dir(default_cache_dir())
 
 
 @pytest.fixture
@@ -109,18 +146,9 @@ def caller_wav(tmp_path_factory) -> str:
     return str(speech_wav(d / "caller48k.wav", "Hello, I am calling about my pickup schedule.", 48000))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def torch_threads():
-    """In-process engines run with the server's thread rule (agent/threads.py), so the real-time
-    scheduler tests see the timing a server on this machine has."""
-    from agent.threads import configure_torch_threads
-
-    configure_torch_threads()
-
-
 @pytest.fixture(scope="session")
 def demo_model(demo_dir):
-    from agent.model_files import local_model_files
-    from agent.model_loader import load_model
+    from agent.model.files import local_model_files
+    from agent.model.loader import load_model
 
     return load_model(local_model_files(demo_dir), device="cpu")

@@ -19,11 +19,12 @@ from typing import Any
 from agent.personas import templates as templating
 from agent.personas.numbers import normalize_number
 from agent.personas.safe_yaml import Located
-from agent.sampling import SamplingParams
+from agent.model.sampling_params import SamplingParams
 
 KINDS = ("service", "assistant", "casual", "prompt")
 COMMON_FIELDS = {"id", "kind", "numbers", "voice", "sampling", "transfer", "default", "description", "variables",
-                 "browser"}
+                 "browser", "direction"}
+DIRECTIONS = ("inbound", "outbound", "both")  # which calls a persona takes: answered, placed, or both
 LIST_FIELDS = ("information", "background")  # per-call: an item whose placeholders are all unknown is left out
 KIND_FIELDS = {
     "service": {"company", "business", "agent_name", "information"},
@@ -94,6 +95,7 @@ class Persona:
     description: str | None = None
     variables: dict = field(default_factory=dict, hash=False, compare=True)  # name -> default ("" = unknown)
     browser: bool = False  # offered to browser callers on the public page
+    direction: str = "both"  # "inbound" (answers), "outbound" (only places calls), "both"
     # the kind's text fields as templates (a tuple for list fields); None: no placeholders anywhere
     templates: dict | None = field(default=None, hash=False, compare=False, repr=False)
 
@@ -349,6 +351,11 @@ def parse_persona(path: Path, fields: dict[str, Located], doc_line: int, voices:
 
     is_default = c.flag("default")
     browser = c.flag("browser")
+    direction = "both"
+    if "direction" in c.fields:
+        direction = str(c.fields["direction"].value)
+        if direction not in DIRECTIONS:
+            c.err("direction", f"{direction!r} must be one of: {', '.join(DIRECTIONS)}")
     description = c.text("description", False)
     if not numbers and not is_default and "numbers" in fields:
         c.err("numbers", "is empty: list the numbers this persona answers (or set default: true)")
@@ -360,7 +367,7 @@ def parse_persona(path: Path, fields: dict[str, Located], doc_line: int, voices:
     persona = Persona(id=pid, kind=kind, numbers=tuple(numbers), voice=voice or "", prompt="",
                       source=str(path), company=kf.get("company"), agent_name=kf.get("agent_name"),
                       sampling_overrides=overrides, transfer=transfer, default=is_default, description=description,
-                      variables=declared, templates=templates, browser=browser)
+                      variables=declared, templates=templates, browser=browser, direction=direction)
     default_prompt = persona.render().text if templates is not None else render_prompt(kind, kf)
     return replace(persona, prompt=default_prompt)
 

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from agent.personas.schema import Persona, RenderedPrompt
-from agent.prompt import SILENCE_FRAMES, tokenize_prompt
+from agent.model.prompt import SILENCE_FRAMES, tokenize_prompt
 
 
 def find_tokenizer(model_dir: Path | None):
     """The text tokenizer of `model_dir`, else of the 7B model if it is in the local HF cache."""
     import sentencepiece
 
-    from agent.model_files import DEFAULT_HF_REPO, TEXT_TOKENIZER_FILE
+    from agent.model.files import DEFAULT_HF_REPO, TEXT_TOKENIZER_FILE
 
     path = None
     if model_dir is not None and (Path(model_dir) / TEXT_TOKENIZER_FILE).exists():
@@ -39,6 +37,8 @@ def voice_steps(voices_dir: Path | None, voice: str) -> int:
             continue
         try:
             if p.suffix == ".pt":
+                import torch  # here only: the personas CLI and its unit tests stay torch-free
+
                 return int(torch.load(p, map_location="cpu", weights_only=True)["embeddings"].shape[0]) + 1
             if p.suffix == ".wav":
                 from agent.audio_io import read_audio

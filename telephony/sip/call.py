@@ -7,19 +7,24 @@ a pjsua2 object freed on a thread pjlib does not know aborts the process.
 
 from __future__ import annotations
 
-import time
 import weakref
 
 import numpy as np
 import pjsua2 as pj
+import structlog
 
-from agent.events import EndReason, Hold, TransferFailed
-from agent.session import CallSession
-from telephony.leg import CallLeg
-from telephony.sip.port import RATE, SAMPLES, CallAudioPort
+from agent.calls.events import EndReason, Hold, TransferFailed
+from agent.calls.session import CallSession
+from telephony.admission import AdmittedCall, Refusal
+from telephony.call_queue import Ticket
+from telephony.leg import CallLeg, LossKind
+from telephony.sip.dial import OutboundDial
+from telephony.sip.port import PTIME_US, RATE, SAMPLES, CallAudioPort
 
+log = structlog.get_logger(__name__)
 NAME = "sip"
 OUTBOUND_PACKETS = 1  # 20 ms of slack at the port: the SIP thread refills every few ms
+PTIME_S = PTIME_US / 1e6  # one packet (our SDP's ptime: 20 ms)
 
 
 class SipLeg(CallLeg):
@@ -32,13 +37,13 @@ class SipLeg(CallLeg):
 
     can_transfer = True
 
-    def __init__(self, call: "SipCall", session: CallSession):
+    def __init__(self, call: "SipCall", admitted: AdmittedCall):
         self.sip, self.call_id = call.endpoint, call.getId()
         endpoint, call_id = self.sip, self.call_id
 
         def hop(ev) -> None:  # engine/VAD thread -> SIP thread, by call id
             endpoint.post(lambda: endpoint.with_call(call_id, lambda c: c.leg.on_event(ev)))
-        super().__init__(session, endpoint=NAME, metrics=endpoint.runtime.metrics, in_rate=RATE, out_rate=RATE,
+        super().__init__(admitted, endpoint=NAME, metrics=endpoint.metrics, in_rate=RATE, out_rate=RATE,
                          out_packet=SAMPLES, hop=hop)
         self._call = weakref.ref(call)
 
@@ -79,16 +84,21 @@ class SipCall(pj.Call):
         self.on_hold = False
         self.media_index: int | None = None
         self.last_rx_pkt = -1
-        self.last_rx_change = time.monotonic()
         self.refused = False
         self._underruns_seen = 0
+        self._overruns_seen = 0
+        self._loss_seen = (0, 0)  # (RTCP cumulative loss, jitter-buffer discards) already counted
+        self.ticket: Ticket | None = None  # on hold in the call queue (no leg, no session yet)
+        self.hold = None  # telephony.audio.hold.HoldPlayer while on hold
+        self.dial: OutboundDial | None = None  # a call the agent places (telephony.sip.dial)
 
     @property
     def session(self) -> CallSession | None:
         return self.leg.session if self.leg is not None else None
 
-    def attach(self, session: CallSession) -> None:
-        self.leg = SipLeg(self, session)
+    def attach(self, admitted: AdmittedCall) -> SipLeg:
+        self.leg = SipLeg(self, admitted)
+        return self.leg
 
     def answer_ok(self) -> None:
         if self.answered or self.disconnected:
@@ -103,7 +113,9 @@ class SipCall(pj.Call):
         if self.disconnected:
             return
         op = pj.CallOpParam()
-        if not self.answered:
+        if not self.answered and self.dial is not None:
+            self.dial.cancelled = True  # (a call we placed, not answered yet: CANCEL; it ends `ended`)
+        elif not self.answered:
             op.statusCode = 503 if reason is EndReason.SHUTDOWN else 480
         try:
             self.hangup(op)
@@ -113,10 +125,15 @@ class SipCall(pj.Call):
     # -- pjsua2 callbacks (SIP thread) ----------------------------------------------------------
     def onCallState(self, prm) -> None:
         ci = self.getInfo()
+        if self.dial is not None:
+            self.dial.on_state(self, ci)
         if ci.state == pj.PJSIP_INV_STATE_CONFIRMED:
             self.confirmed = True
         elif ci.state == pj.PJSIP_INV_STATE_DISCONNECTED:
             self.disconnected = True
+            if self.ticket is not None:  # hung up on hold: out of the queue at once (abandoned)
+                self.ticket.leave()
+                self.ticket = None
             if self.leg is not None:
                 self.session.log.info("sip_disconnected", status=ci.lastStatusCode, reason=ci.lastReason)
                 reason = EndReason.CALLER_HANGUP if self.confirmed else EndReason.CANCELLED
@@ -156,10 +173,10 @@ class SipCall(pj.Call):
         if self.port is None:
             self.port = self.endpoint.ports.acquire()
             self._underruns_seen = self.port.underruns
+            self._overruns_seen = self.port.overruns
         am = self.getAudioMedia(index)
         am.startTransmit(self.port)
         self.port.startTransmit(am)
-        self.last_rx_change = time.monotonic()
 
     def onDtmfDigit(self, prm) -> None:
         if self.leg is not None:
@@ -172,6 +189,30 @@ class SipCall(pj.Call):
         except pj.Error as exc:
             self.leg.transfer_pending = False
             self.session.log.warning("sip_transfer_failed", error=exc.info())
+
+    # -- requests the caller may not make of the agent (SIP thread) ----------------------------
+    def _refused(self, event: str, method: str, reason: str, status: int) -> None:
+        """Log (no URI, no number: they are the caller's data) and count one refused request."""
+        (self.session.log if self.session is not None else log).warning(event, method=method, status=status)
+        self.endpoint.metrics.sip_refused_requests.labels(method=method, reason=reason).inc()
+
+    def onCallTransferRequest(self, prm) -> None:
+        """A REFER inside the call: whoever can send into the dialog asks the agent to place a
+        call to the Refer-To URI from the agent's own account (toll fraud to premium numbers, or
+        a way into hosts only the agent can reach). pjsua's default accepts (202) and dials. The
+        agent never places calls for anyone; its own transfers go the other way (it sends the
+        REFER, `start_transfer`). 603 Decline: pjsua answers the REFER with it and dials nothing."""
+        prm.statusCode = pj.PJSIP_SC_DECLINE
+        self._refused("sip_refer_refused", "REFER", "refer", pj.PJSIP_SC_DECLINE)
+
+    def onCallReplaceRequest(self, prm) -> None:
+        """An INVITE with Replaces naming this call (RFC 3891): a new dialog, from anywhere and
+        before any ACL or admission, would take this call over. 403, answered by pjsua.
+        `prm.reason` is left as it is: pjsua2 passes pjsua a pointer into that string after
+        the parameter is gone, and pjsua uses the code's own phrase only while the text still
+        has the default's length (2, "OK")."""
+        prm.statusCode = pj.PJSIP_SC_FORBIDDEN
+        self._refused("sip_replaces_refused", "INVITE", "replaces", pj.PJSIP_SC_FORBIDDEN)
 
     def onCallTransferStatus(self, prm) -> None:
         if not prm.finalNotify:
@@ -187,16 +228,48 @@ class SipCall(pj.Call):
             self.session.emit(TransferFailed(prm.statusCode))
 
     # -- SIP thread housekeeping ----------------------------------------------------------------
+    def pump_held(self) -> None:
+        """On hold: take the slot when it comes (the call then starts like any other), leave on
+        a refusal (waited too long, draining), else play the next hold packet. The caller's
+        audio is dropped: nothing reaches the model before the call starts."""
+        ticket = self.ticket
+        got = ticket.poll()
+        if isinstance(got, AdmittedCall):
+            self.ticket, self.hold = None, None
+            leg = self.attach(got)
+            leg.session.log.info("call_dequeued", queue_wait_s=leg.session.queue_wait_s)
+            if self.port is not None:
+                self.port.outbound.clear()
+            leg.start()  # the 200 OK (early_media) comes with its first frame, as for any call
+            return
+        if isinstance(got, Refusal):
+            self.ticket, self.hold = None, None
+            self.endpoint.refuse_held(self, got)
+            return
+        port = self.port
+        if port is None:
+            return
+        port.inbound.clear()
+        while len(port.outbound) < OUTBOUND_PACKETS and self.hold is not None:
+            pkt = self.hold.take_packet()
+            port.outbound.append((port.generation, (np.clip(pkt, -1, 1) * 32767).astype("<i2").tobytes()))
+
     def pump(self) -> None:
         """Move audio between the port's byte queues and the leg (resampling happens there)."""
+        if self.ticket is not None and not self.disconnected:
+            return self.pump_held()
         port, leg = self.port, self.leg
         if port is None or leg is None or self.disconnected:
             return
         chunks = []
         while port.inbound:
             chunks.append(port.inbound.popleft())
-        if chunks and not self.on_hold:
-            leg.audio_in(np.frombuffer(b"".join(chunks), dtype="<i2").astype(np.float32) / 32768.0)
+        # a call we placed hears nothing before the answer (ringback in early media is no "hello")
+        if chunks and not self.on_hold and (self.dial is None or self.answered):
+            pcm = np.frombuffer(b"".join(chunks), dtype="<i2").astype(np.float32) / 32768.0
+            if self.dial is not None:
+                self.dial.callee_audio(pcm, RATE)
+            leg.audio_in(pcm)
         if not self.answered:
             return
         sess = leg.session
@@ -212,18 +285,37 @@ class SipCall(pj.Call):
         n, self._underruns_seen = total - self._underruns_seen, total
         for _ in range(n):
             leg.playout.report_underrun()
+        over = port.overruns
+        if over != self._overruns_seen:
+            leg.count_lost(LossKind.BRIDGE_OVERRUN, (over - self._overruns_seen) * PTIME_S)
+            self._overruns_seen = over
 
-    def check_rtp(self, timeout_s: float) -> None:
-        if self.media_index is None or self.on_hold or not self.confirmed or self.disconnected:
+    def check_media(self, timeout_s: float) -> None:
+        """RTP counts as media (pjmedia's received-packet counter moved), not the port's frames:
+        the stream's jitter buffer conceals a silent peer with frames of its own. A call on hold
+        is not watched; the clock starts again when it resumes."""
+        leg = self.leg
+        if leg is None or self.media_index is None or not self.confirmed or self.disconnected:
+            return
+        if self.on_hold:
+            leg.last_media = None
             return
         try:
-            pkts = self.getStreamStat(self.media_index).rtcp.rxStat.pkt
+            stat = self.getStreamStat(self.media_index)
         except pj.Error:
             return
-        now = time.monotonic()
+        rx = stat.rtcp.rxStat
+        pkts = rx.pkt
+        loss, discard = max(rx.loss, 0), max(stat.jbuf.discard, 0)
+        seen_loss, seen_discard = self._loss_seen
+        if (loss, discard) != self._loss_seen:
+            # packets the network lost, and packets too late for the jitter buffer: 20 ms each
+            leg.count_lost(LossKind.NETWORK, max(loss - seen_loss, 0) * PTIME_S)
+            leg.count_lost(LossKind.JITTER, max(discard - seen_discard, 0) * PTIME_S)
+            self._loss_seen = (loss, discard)
         if pkts != self.last_rx_pkt:
             self.last_rx_pkt = pkts
-            self.last_rx_change = now
-        elif now - self.last_rx_change > timeout_s and self.leg is not None:
-            self.session.log.warning("sip_rtp_timeout", seconds=timeout_s)
-            self.leg.hangup(EndReason.RTP_TIMEOUT)
+            leg.media_arrived()
+        else:
+            leg.arm_media_watch()
+            leg.media_timed_out(timeout_s)

@@ -1,4 +1,4 @@
-"""Reading what pjsua2 hands us of an incoming INVITE: dialled and calling numbers, source address."""
+"""Reading what pjsua2 hands us of an incoming INVITE: dialled and calling numbers, headers, source address."""
 
 from __future__ import annotations
 
@@ -37,6 +37,20 @@ def caller_user(whole_msg: str) -> str | None:
     return None
 
 
+def has_header(whole_msg: str, name: str) -> bool:
+    """Whether the message's header section has a `name` header (any case; a folded line is
+    no header of its own)."""
+    head = whole_msg.split("\r\n\r\n", 1)[0].split("\n\n", 1)[0]
+    wanted = name.lower()
+    for line in head.splitlines()[1:]:
+        if line[:1] in (" ", "\t"):
+            continue
+        header, sep, _ = line.partition(":")
+        if sep and header.strip().lower() == wanted:
+            return True
+    return False
+
+
 def source_ip(src_address: str) -> str:
     """'127.0.0.1:5062' or '[::1]:5062' -> the address."""
     s = src_address.strip()
@@ -55,7 +69,7 @@ def allowed(ip: str, networks: list[str]) -> bool:
 
 def header_variables(whole_msg: str, mapping: dict[str, str]) -> dict[str, str]:
     """Per-call variables from INVITE headers: {header name (any case): variable name}. The
-    first occurrence of a header wins; values are cleaned later (agent.context)."""
+    first occurrence of a header wins; values are cleaned later (agent.calls.context)."""
     if not mapping:
         return {}
     wanted = {h.lower(): var for h, var in mapping.items()}

@@ -12,8 +12,17 @@ Server -> page:
     {"type": "transfer_failed", "status": 486}
     {"type": "ended", "reason": "caller_hangup"}    the last message; `reason` is an EndReason value
 
+  While the caller waits in the call queue (the offer's answer said {"queued": true, "position": N}
+  and there is no call id yet; the outbound track plays the hold audio):
+    {"type": "queue", "position": 2}                 its place (1: next), sent when the channel opens and on every change
+    {"type": "refused", "error": "busy"|"draining"|"unavailable", "reason": "...", "retry_after": 7}
+                                                     no slot will come (waited `queue.max_wait_s`, the agent drains):
+                                                     the last message, the server then closes the connection
+  When the slot comes the call starts like any other: the first `state` message (with "call_id")
+  follows, then the agent's audio on the same track.
+
 Page -> server:
-    {"type": "hangup"}
+    {"type": "hangup"}                              (while queued: leaves the queue)
     {"type": "dtmf", "digit": "5"}                  one of 0-9 * # A-D
 
 Anything else from the page is ignored. Internal event classes are mapped here explicitly, so a
@@ -26,28 +35,38 @@ import json
 import re
 from dataclasses import dataclass
 
-from agent.events import BargeIn, CallEvent, Dtmf, Ended, Hold, StateChanged, TextOut, TransferFailed
+from agent.calls.events import CallEvent, Ended, TextOut, common_json
 
 DTMF_DIGIT = re.compile(r"^[0-9*#A-D]$")
 
 
 def encode_event(ev: CallEvent) -> dict | None:
     """The page message for an agent event, or None for events the page does not get."""
-    if isinstance(ev, StateChanged):
-        return {"type": "state", "state": ev.state.value}
     if isinstance(ev, TextOut):
         return {"type": "text", "text": ev.text}
-    if isinstance(ev, BargeIn):
-        return {"type": "barge_in", "generation": ev.generation}
-    if isinstance(ev, Dtmf):
-        return {"type": "dtmf", "digit": ev.digit}
-    if isinstance(ev, Hold):
-        return {"type": "hold", "on": ev.on}
-    if isinstance(ev, TransferFailed):
-        return {"type": "transfer_failed", "status": ev.status}
     if isinstance(ev, Ended):
         return {"type": "ended", "reason": ev.reason.value}
-    return None
+    return common_json(ev)
+
+
+def send(channel, payload: dict) -> None:
+    """One message to the page, if its data channel is open: best effort, because a page that
+    has gone is noticed by the connection state, not by a failed send."""
+    if channel is not None and channel.readyState == "open":
+        try:
+            channel.send(json.dumps(payload))
+        except Exception:
+            pass
+
+
+def queue_position(position: int) -> dict:
+    """The waiting caller's place in the queue (1: the next to be answered)."""
+    return {"type": "queue", "position": position}
+
+
+def refused(kind: str, reason: str, retry_after: int | None) -> dict:
+    """No slot will come for a waiting caller: the same fields as a refused offer's body."""
+    return {"type": "refused", "error": kind, "reason": reason, "retry_after": retry_after}
 
 
 def hello(state: str, call_id: str, persona: str) -> dict:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import poll, require, speech_wav
+from tests.support import poll, require, speech_wav, rtp_ports
 from tests.support.server import ServerProcess, http_json, metric
 from tests.support.sip_trace import Sipp, parse_trace, sipp
 
@@ -33,11 +33,13 @@ def ulaw(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_sigterm_refuses_new_invites_and_hangs_up_the_live_call_at_the_drain_timeout(tmp_path, demo_dir, ulaw):
     srv = ServerProcess(tmp_path, demo_dir.parent, {
         "engine": {"max_calls": 2, "retry_after_s": 9},
         "drain_timeout_s": DRAIN_S,
-        "sip": {"enabled": True, "rtp_port": 28000, "rtp_timeout_s": 30},
+        "sip": {"enabled": True, "rtp_port": rtp_ports()},
+        "media_timeout_s": 30,
     })
     live = Sipp(srv.sip_port, SCENARIOS / "uac_until_bye.xml", "1001", tmp_path, {"@RTP_FILE@": str(ulaw)},
                 timeout=90)

@@ -27,14 +27,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from agent.security.tokens import mint
-from tests.support import ROOT, poll, require
-from tests.support.carriers import TelnyxCaller
+from telephony.security.tokens import mint
+from tests.support import ROOT, poll, require, rtp_ports
 from tests.support.server import ServerProcess, http_json
-from tests.support.sipp import SCENARIOS, invite, raw_sip, run_sipp, sdp
+from tests.support.sipp import SCENARIOS, invite, raw_sip, raw_sip_final, run_sipp, sdp
 from tests.support.webrtc_client import WebRtcCaller
 
-SECRET = "sweep-secret-0123456789abcdef"
+SECRET = "sweep-secret-0123456789abcdef-0123456789"
 CALL_S = 14.0
 # The live call may miss at most this share of its audio time more than without the sweep: on
 # the 2-core test machine the sweep's own clients (a second WebRTC call, sipp, 150 INVITEs in a
@@ -74,23 +73,27 @@ def target(tmp_path_factory, demo_dir):
     tmp = tmp_path_factory.mktemp("sweep")
     srv = ServerProcess(tmp, demo_dir.parent, {
         "engine": {"max_calls": 6},
-        "sip": {"enabled": True, "rtp_port": 27000},
+        "sip": {"enabled": True, "rtp_port": rtp_ports()},
         "telnyx": {"enabled": True},
+        "twilio": {"enabled": True},
+        "http": {"trusted_proxies": ["127.0.0.1/32"]},
         "webrtc": {"tokens": {"secret_env": "SWEEP_SECRET", "required": True},
                    "limits": {"enabled": True, "concurrent_calls": 2, "attempts_per_minute": 300}},
         "personas": {"reload_interval_s": 0.5, "unknown_numbers": "refuse"},
     }, env={"SWEEP_SECRET": SECRET}, allow_errors=[
         # what pjsip reports, at its error level, about the broken SIP the sweep sends on purpose
         r'"event": "pjsip"', r"persona_invalid", r"stream_bad_frame"])
-    srv.wait_ready()
-    yield srv
-    srv.stop()
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
 
 
 def live_call(srv, seconds: float) -> dict:
     """A normal caller on a carrier stream; its call_end line."""
     before = {ln["call_id"] for ln in srv.lines() if ln.get("event") == "call_end"}
-    caller = TelnyxCaller(srv.ws_url + "/telnyx/media", dialled="1001")
+    caller = srv.telnyx_caller(dialled="1001")
     asyncio.new_event_loop().run_until_complete(caller.run(seconds))
     assert caller.protocol_errors == []
     ends = poll(lambda: [ln for ln in srv.lines() if ln.get("event") == "call_end" and ln["endpoint"] == "telnyx"
@@ -107,17 +110,30 @@ def sip_sweep(srv, tally: Tally, tmp: Path) -> None:
     # would otherwise hold a slot for pjsip's 32 s transaction timer, as any unanswered INVITE does
     bad = "5559999"
     base = invite(["Content-Type: application/sdp"], sdp(), number=bad)
+    # malformed SIP: each is answered 4xx (its final answer) or dropped, never taken
     for cut in sorted(random.Random(1).sample(range(10, len(base) - 5), 30)):  # truncated messages
-        tally("sip", raw_sip(port, base[:cut], timeout=0.3) or "no answer")
-    tally("sip", raw_sip(port, invite(["X-Big: " + "a" * 20_000, "Content-Type: application/sdp"], sdp(), number=bad))
+        tally("sip malformed", raw_sip_final(port, base[:cut], timeout=0.3) or "no answer")
+    tally("sip malformed", raw_sip_final(port, invite(["X-Big: " + "a" * 20_000, "Content-Type: application/sdp"],
+                                                      sdp(), number=bad)) or "no answer")
+    tally("sip malformed", raw_sip_final(port, invite(["Content-Type: application/sdp"],
+                                                      sdp(extra="a=x:" + "b" * 60_000 + "\r\n"), number=bad))
           or "no answer")
-    tally("sip", raw_sip(port, invite(["Content-Type: application/sdp"], sdp(extra="a=x:" + "b" * 60_000 + "\r\n"),
-                                      number=bad)) or "no answer")
-    tally("sip", raw_sip(port, invite(["Content-Type: application/sdp"], sdp("18", "a=rtpmap:18 G729/8000")))
+    tally("sip malformed", raw_sip_final(port, invite(["Content-Type: application/sdp"],
+                                                      sdp("18", "a=rtpmap:18 G729/8000")))
           or "no answer")  # no codec in common: refused before any slot
     for length in ("9999", "-5", "abc", "3"):
-        tally("sip", raw_sip(port, invite(["Content-Type: application/sdp"], sdp(), number=bad, content_length=length),
-                             timeout=0.5) or "no answer")
+        tally("sip malformed", raw_sip_final(port, invite(["Content-Type: application/sdp"], sdp(), number=bad,
+                                                          content_length=length), timeout=0.5) or "no answer")
+    # requests a stranger may send outside any dialog: never 2xx for what could make the agent
+    # act (SUBSCRIBE, REFER, NOTIFY, MESSAGE, PUBLISH); an INVITE/Replaces of no dialog
+    for method in ("SUBSCRIBE", "REFER", "NOTIFY", "MESSAGE", "PUBLISH", "OPTIONS"):
+        extra = {"SUBSCRIBE": ["Event: presence"], "NOTIFY": ["Event: presence", "Subscription-State: active"],
+                 "REFER": ["Refer-To: <sip:+19005550100@127.0.0.1:9>"], "PUBLISH": ["Event: presence"]}.get(method, [])
+        answer = raw_sip(port, invite(extra, number="1001").replace("INVITE", method)) or "no answer"
+        tally("sip", f"{method}: {answer}")
+        assert method == "OPTIONS" or " 2" not in answer[:12], (method, answer)
+    tally("sip", raw_sip(port, invite(["Replaces: nosuchcall;to-tag=a;from-tag=b", "Content-Type: application/sdp"],
+                                      sdp())) or "no answer")
     # an INVITE flood from one address: every one answered or dropped, none takes a live slot for long
     for i in range(150):
         tally("sip", raw_sip(port, invite(["Content-Type: application/sdp"], sdp(), number="5559999"),
@@ -157,6 +173,22 @@ async def http_sweep(srv, tally: Tally) -> None:
         for path in ("/api/playground", "/twilio/voice", "/nope", "/static/../../etc/passwd"):
             async with http.get(srv.url + path) as r:
                 tally("http", r.status)
+        # forged client addresses behind our proxy (127.0.0.1 is trusted here): junk, rotation,
+        # many lines; unsigned Twilio webhooks; cross-site playground posts
+        offer = {"sdp": "v=0\r\nm=audio 9 RTP/AVP 0\r\n", "type": "offer", "persona": "citysan"}
+        for i in range(40):
+            xff = rnd.choice([f"9.9.{i}.1, 203.0.113.9", "<script>", "::ffff:1.2.3.4, unknown", "1.1.1.1," * 50,
+                              f"2001:db8::{i:x}", ""])
+            async with http.post(url, json=offer, headers={"X-Forwarded-For": xff}) as r:
+                tally("http xff", r.status)
+        for body in ({"To": "+14155550100", "CallSid": "CA1"}, {}):
+            async with http.post(srv.url + "/twilio/voice", data=body) as r:
+                tally("http twilio unsigned", r.status)
+                assert r.status == 403
+        async with http.post(srv.url + "/api/playground/yaml", json={"persona": {}},
+                             headers={"Origin": "https://evil.example"}) as r:
+            tally("http playground", r.status)
+            assert r.status in (403, 404)
     # slow-loris: connections that send half a request and hang on
     socks = []
     for _ in range(40):
@@ -191,9 +223,41 @@ async def datachannel_sweep(srv, tally: Tally) -> None:
     await c.hangup()
 
 
+async def closed_by_server(ws, timeout: float) -> int | None:
+    try:
+        async with asyncio.timeout(timeout):
+            while (await ws.receive()).type not in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                pass
+    except TimeoutError:
+        return None
+    return ws.close_code
+
+
 async def carrier_sweep(srv, tally: Tally) -> None:
+    start = json.dumps({"event": "start", "stream_id": "s", "start": {
+        "call_control_id": "c", "to": "1001", "custom_parameters": {"persona": "citysan"},
+        "media_format": {"encoding": "PCMU", "sample_rate": 8000, "channels": 1}}})
     async with aiohttp.ClientSession() as http:
-        async with http.ws_connect(srv.ws_url + "/telnyx/media", max_msg_size=0) as ws:
+        # strangers: no token, a wrong one, a Twilio stream without a signature; and sockets that
+        # never start (closed after 5 s, never holding a slot)
+        for headers in ({}, {"x-telnyx-streaming-auth-token": "guess"}):
+            async with http.ws_connect(srv.ws_url + "/telnyx/media", headers=headers) as ws:
+                await ws.send_str(start)
+                code = await closed_by_server(ws, 5)
+                tally("carrier auth", f"telnyx {'wrong' if headers else 'no'} token: closed {code}")
+                assert code == 1008
+        try:
+            async with http.ws_connect(srv.ws_url + "/twilio/media"):
+                tally("carrier auth", "twilio unsigned: upgraded")
+        except aiohttp.WSServerHandshakeError as exc:
+            tally("carrier auth", f"twilio unsigned: {exc.status}")
+        silent = [await http.ws_connect(srv.ws_url + "/telnyx/media") for _ in range(10)]
+        codes = await asyncio.gather(*(closed_by_server(ws, 10) for ws in silent))
+        for code in codes:
+            tally("carrier silent", f"closed {code}")
+        assert all(c == 1008 for c in codes), codes
+        async with http.ws_connect(srv.ws_url + "/telnyx/media", max_msg_size=0,
+                                   headers={"x-telnyx-streaming-auth-token": srv.telnyx_token}) as ws:
             for frame in ["{", "[]", json.dumps({"event": "media", "media": {"payload": "@@"}}),
                           json.dumps({"event": "start", "stream_id": 5}), "x" * 300_000, "y" * 2_000_000]:
                 try:
@@ -210,7 +274,7 @@ async def carrier_sweep(srv, tally: Tally) -> None:
 
 def files_sweep(srv, tally: Tally) -> None:
     """Broken persona files appear in the live personas directory (and go); configs are fuzzed."""
-    from agent.server.config import ConfigError, load_config
+    from server.config import ConfigError, load_config
 
     personas = Path(srv.config).parent / "personas"
     rnd = random.Random(4)
@@ -232,6 +296,7 @@ def files_sweep(srv, tally: Tally) -> None:
             tally("config files", "ConfigError")
 
 
+@pytest.mark.slow
 def test_hostile_input_on_every_surface_never_hurts_the_live_call(target, tmp_path):
     baseline = live_call(target, CALL_S)
     rss_before = rss_mb(target.proc.pid)
@@ -252,6 +317,7 @@ def test_hostile_input_on_every_surface_never_hurts_the_live_call(target, tmp_pa
     th.start()
     during = live_call(target, CALL_S)
     th.join(120)
+    assert not th.is_alive(), f"the sweep did not finish in 120 s: {tally.report()}"
     report = tally.report()
     report["rss_mb"] = {"before": round(rss_before, 1), "after": round(rss_mb(target.proc.pid), 1)}
     report["live_call"] = {k: {"frames_out": c["frames_out"], "playout_underruns": c["playout_underruns"],
@@ -261,6 +327,13 @@ def test_hostile_input_on_every_surface_never_hurts_the_live_call(target, tmp_pa
     (ARTIFACTS / "hostile-sweep.json").write_text(json.dumps(report, indent=1))
     print("\nhostile sweep:", json.dumps(report, indent=1))
     assert not errors, errors
+    # per surface: no HTTP answer was a server error; malformed SIP was refused (4xx) or dropped
+    for surface, counts in report.items():
+        if surface.startswith("http") and isinstance(counts, dict) and "answered" in counts:
+            server_errors = {a: n for a, n in counts["answered"].items() if a.isdigit() and a.startswith("5")}
+            assert not server_errors, (surface, server_errors)
+    malformed = report["sip malformed"]["answered"]
+    assert all(a == "no answer" or a.startswith("SIP/2.0 4") for a in malformed), malformed
     assert target.proc.poll() is None and http_json(target.url + "/healthz")[0] == 200
     frames = during["frames_out"]
     missed_s = lambda c: c["playout_underruns"] * PACKET_S + c["late_frames"] * FRAME_S  # noqa: E731

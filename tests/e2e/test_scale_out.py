@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, free_port, poll, require, speech_wav, stable_port
+from tests.support import ROOT, free_port, poll, require, rtp_ports, speech_wav, stable_port
+from tests.support.farm import Daemon, Kamailio
 from tests.support.server import ServerProcess, http_json, http_text
 from tests.support.sip_trace import Sipp
 
@@ -31,7 +31,6 @@ HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 SCENARIOS = Path(__file__).parent / "sipp"
 SLOTS = 2  # engine.max_calls of every agent (and its maxload in dispatcher.list)
 AGENTS = 3
-RTP_BASE = 12000  # agent i takes RTP ports RTP_BASE + 2000 * i .. (below the ephemeral range)
 
 
 def run(coro):
@@ -48,6 +47,7 @@ class Agent:
         # restarted on these same ports: below the ephemeral range, so no caller can take them
         self.http_port = stable_port()
         self.sip_port = stable_port()
+        self.rtp_port = rtp_ports()
         self.generation = 0
         self.srv: ServerProcess | None = None
 
@@ -66,8 +66,8 @@ class Agent:
         self.srv = ServerProcess(d, self.cache, {
             "engine": {"max_calls": SLOTS, "retry_after_s": 2},
             "http": {"port": self.http_port},
-            "sip": {"enabled": True, "port": self.sip_port, "rtp_port": RTP_BASE + 2000 * self.index,
-                    "rtp_timeout_s": 10},
+            "sip": {"enabled": True, "port": self.sip_port, "rtp_port": self.rtp_port},
+            "media_timeout_s": 10,
             "drain_timeout_s": 20,
         })
         # ServerProcess picked its own ports; the overrides above won (same ports every start)
@@ -151,79 +151,11 @@ def ulaw(tmp_path_factory):
     return out
 
 
-class Daemon:
-    """A proxy started from its shipped config, its output in a log file; stopped politely."""
-
-    proc: subprocess.Popen
-    log_path: Path
-
-    def _spawn(self, cmd: list[str], env: dict | None = None) -> None:
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def log_tail(self, n: int = 3000) -> str:
-        return self.log()[-n:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
-# -- Kamailio ----------------------------------------------------------------------------------------
-class Kamailio(Daemon):
-    """deploy/kamailio/kamailio.cfg as shipped, its addresses set with -A; the agents in a
-    dispatcher.list written in the shipped template's format."""
-
-    def __init__(self, tmp: Path, agents: list[Agent]):
-        require("kamailio")
-        self.dir = tmp
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.list = self.dir / "dispatcher.list"
-        self.list.write_text("".join(f"1 {a.sip_uri} 0 0 duid={a.name};maxload={SLOTS}\n" for a in agents))
-        self.port = free_port(socket.SOCK_DGRAM)
-        self.ctl = f"unix:{self.dir}/kamailio_ctl"
-        self.log_path = self.dir / "kamailio.log"
-        self._spawn(
-            ["kamailio", "-DD", "-E", "-f", str(KAMAILIO_CFG), "-Y", str(self.dir), "-m", "64", "-M", "8",
-             "-A", "SIP_ADDR=127.0.0.1", "-A", f"SIP_PORT={self.port}", "-A", f'DS_LIST="{self.list}"',
-             "-A", f'CTL_SOCK="{self.ctl}"'])
-
-    def rpc(self, *args: str) -> str:
-        res = subprocess.run(["kamcmd", "-s", self.ctl, *args], capture_output=True, text=True, timeout=5)
-        return res.stdout + res.stderr
-
-    def states(self) -> dict[str, str]:
-        """Destination URI -> dispatcher flags (AP: active and probed; IP: out of rotation)."""
-        try:
-            out = self.rpc("dispatcher.list")
-        except subprocess.TimeoutExpired:
-            return {}
-        return dict(re.findall(r"URI: (\S+)\s+FLAGS: (\w+)", out))
-
-    def wait_state(self, uri: str, state: str, timeout: float) -> float | None:
-        """Seconds until `uri` is in `state` ("A" active, "I" inactive), or None."""
-        t0 = time.monotonic()
-        got = poll(lambda: self.states().get(uri, ""), lambda s: s.startswith(state), timeout, step=0.1)
-        return time.monotonic() - t0 if got.startswith(state) else None
-
-    def wait_all_active(self, agents: list[Agent], timeout: float = 15) -> None:
-        want = {a.sip_uri for a in agents}
-        states = poll(self.states, lambda s: all(s.get(u, "").startswith("A") for u in want), timeout, step=0.1)
-        assert all(states.get(u, "").startswith("A") for u in want), (states, self.log_tail())
-
-
+# -- Kamailio (tests/support/farm.py) -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def kamailio(farm, tmp_path_factory):
-    kam = Kamailio(tmp_path_factory.mktemp("kamailio"), farm.agents)
+    # the shipped config with a dispatcher list of these agents, an address list allowing 127.0.0.1
+    kam = Kamailio(tmp_path_factory.mktemp("kamailio"), farm.agents, SLOTS)
     try:
         kam.wait_all_active(farm.agents)
         yield kam
@@ -284,27 +216,16 @@ def test_shipped_configs_pass_their_engines_checks():
                         for r in rows)
     # the agent's unit: systemd's own check (only the install paths of a real machine are missing here)
     unit = ROOT / "deploy" / "systemd" / "personaplex-agent.service"
-    if shutil.which("systemd-analyze"):
-        res = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=30)
-        problems = [ln for ln in (res.stdout + res.stderr).splitlines() if ln and "is not executable" not in ln]
-        assert not problems, problems
+    require("systemd-analyze")
+    res = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=30)
+    problems = [ln for ln in (res.stdout + res.stderr).splitlines() if ln and "is not executable" not in ln]
+    assert not problems, problems
     settings = dict(ln.split("=", 1) for ln in unit.read_text().splitlines() if "=" in ln and ln[:1].isalpha())
     assert settings["KillSignal"] == "SIGTERM" and settings["Restart"] == "on-failure"
-    assert int(settings["TimeoutStopSec"]) > 240  # above the drain timeout the unit's comments ask for
+    import yaml
 
-
-def test_options_reason_follows_drain_and_capacity():
-    from types import SimpleNamespace
-
-    from telephony.sip.options import unavailable_reason
-
-    sch = SimpleNamespace(running=True, capacity_left=1)
-    rt = SimpleNamespace(draining=False, scheduler=sch)
-    assert unavailable_reason(rt) is None
-    sch.capacity_left = 0
-    assert unavailable_reason(rt) == "Full"
-    rt.draining = True
-    assert unavailable_reason(rt) == "Draining"
+    drain = yaml.safe_load((ROOT / "configs" / "production.yaml").read_text())["drain_timeout_s"]
+    assert int(settings["TimeoutStopSec"]) > drain  # above the production drain timeout, as its comments ask
 
 
 # -- tests: Kamailio in front of three agents -----------------------------------------------------
@@ -331,10 +252,11 @@ def test_sip_calls_spread_by_load_and_one_over_capacity_gets_503(farm, kamailio,
     assert [len(e) for e in ends] == [SLOTS] * AGENTS
     for e in (x for per_agent in ends for x in per_agent):
         # the caller's BYE ended it, and the caller's RTP reached the agent directly
-        assert e["reason"] == "caller_hangup" and e["frames_in"] > 20 and e["caller_peak"] > 0.05, e
+        assert e["reason"] == "caller_hangup" and e["frames_in"] > 5 and e["caller_peak"] > 0.05, e
     print(f"\nspread: {[len(e) for e in ends]} calls per agent; 7th call: 503 from the proxy")
 
 
+@pytest.mark.slow
 def test_sip_sigterm_drains_one_agent_and_a_restart_rejoins(farm, kamailio, ulaw, tmp_path):
     """Rolling upgrade of one agent: SIGTERM with a live call; the call runs to its own BYE,
     the probe (OPTIONS 503 "Draining") takes the agent out, every new call lands on the
@@ -430,7 +352,12 @@ def test_sip_sigkill_fails_over_and_the_probe_takes_the_agent_out(farm, kamailio
 
 # -- HAProxy in front of two agents ----------------------------------------------------------------
 class HAProxy(Daemon):
-    """deploy/haproxy/haproxy.cfg as shipped; its addresses from the environment it documents."""
+    """deploy/haproxy/haproxy.cfg as shipped; its addresses from the environment it documents.
+    Stopped with SIGUSR1 (HAProxy's soft stop, exit 0; SIGTERM is its hard stop); its own
+    `[ALERT]` lines are errors, its syslog copies of them are not counted twice."""
+
+    STOP_SIGNAL = signal.SIGUSR1
+    ERRORS = re.compile(r"^\[ALERT\]")
 
     def __init__(self, tmp: Path, servers: list[str]):
         require("haproxy")
@@ -480,6 +407,9 @@ def test_http_offers_spread_and_a_draining_agent_leaves_rotation(farm, caller_wa
     farm.ensure_up()
     a, b = farm.agents[:2]
     hap = HAProxy(tmp_path, [f"127.0.0.1:{a.http_port}", f"127.0.0.1:{b.http_port}"])
+    # agent1 drains and agent2 then holds both its slots (its /readyz says 503): for a moment no
+    # agent is ready, which HAProxy reports as an alert
+    hap.allow(r"backend '(agents|agent_media)' has no server available")
     try:
         assert hap.wait_status({"agent1": "UP", "agent2": "UP"}) is not None, hap.log_path.read_text()
 
@@ -501,11 +431,12 @@ def test_http_offers_spread_and_a_draining_agent_leaves_rotation(farm, caller_wa
             assert (await loop.run_in_executor(None, poll, lambda: len(b.calls()), lambda n: n == 2, 10)) == 2
             assert a.refused() == refused_before  # agent1 never saw it
             # the draining agent's call still flows
+            # (the agent's sound, not packets: the track sends silence every 20 ms anyway)
             got = len(held.received)
             deadline = time.monotonic() + 6
-            while time.monotonic() < deadline and len(held.received) <= got + 25:
+            while time.monotonic() < deadline and held.loud(got) <= 25:
                 await asyncio.sleep(0.1)
-            assert len(held.received) > got + 25 and "ended" not in held.kinds()
+            assert held.loud(got) > 25 and "ended" not in held.kinds(), (held.loud(got), len(held.received) - got)
             assert [c["call_id"] for c in a.calls()] == [held.body["call_id"]]
             for c in [*first, late]:
                 await c.hangup()

@@ -59,7 +59,7 @@ def open_and_call(ctx, server, persona: str):
 def test_browser_call_end_to_end(server, browser):
     ctx = browser.new_context()
     page = open_and_call(ctx, server, "citysan")
-    wait_for(page, "window.__call.state === 'connected'")
+    wait_for(page, "['connected', 'answering', 'live'].includes(window.__call.state)")
     # the page hears the agent (non-silent WebRTC audio) and receives its text events
     wait_for(page, "window.__call.agentLoudFrames > 5 && window.__call.texts > 3", 40)
     call = wait_caller_heard(server)
@@ -87,7 +87,7 @@ def test_browser_call_end_to_end(server, browser):
 def test_closing_the_tab_frees_the_slot(server, browser):
     ctx = browser.new_context()
     page = open_and_call(ctx, server, "teacher")
-    wait_for(page, "window.__call.state === 'connected'")
+    wait_for(page, "['connected', 'answering', 'live'].includes(window.__call.state)")
     wait_for(page, "window.__call.agentLoudFrames > 2", 40)
     ctx.close()  # no hang-up message: the peer connection just goes away
     deadline = time.monotonic() + 45
@@ -129,6 +129,12 @@ def test_playground_drafts_calls_and_saves_a_persona(tmp_path, demo_dir, browser
         page.wait_for_selector("#playground:not([hidden])")
         page.click("#playground summary")
         page.wait_for_selector("#pg-voice option[value=VARF1]", state="attached")
+        # the kinds and each kind's inputs are the server's list, not the page's own
+        info = http_json(srv.url + "/api/playground")[1]
+        assert page.eval_on_selector_all("#pg-kind option", "els => els.map((e) => e.value)") == info["kinds"]
+        for kind in info["kinds"]:
+            for field in info["fields"][kind]:
+                assert page.query_selector(f"fieldset[data-kind={kind}] #pg-{field}"), (kind, field)
         page.select_option("#pg-kind", "service")
         page.fill("#pg-company", "Lumen Plumbing")
         page.fill("#pg-business", "plumbing repair service")
@@ -140,7 +146,7 @@ def test_playground_drafts_calls_and_saves_a_persona(tmp_path, demo_dir, browser
                                   value)
         assert page.inner_text("output[for=pg-topk_text]") == "7"
         page.click("#pg-call")
-        wait_for(page, "window.__call.state === 'connected'")
+        wait_for(page, "['connected', 'answering', 'live'].includes(window.__call.state)")
         wait_for(page, "window.__call.agentLoudFrames > 5 && window.__call.texts > 3", 40)
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
@@ -165,11 +171,11 @@ def test_playground_drafts_calls_and_saves_a_persona(tmp_path, demo_dir, browser
         saved = drafts / dl.value.suggested_filename
         dl.value.save_as(saved)
         assert saved.name == "lumen.yaml"
-        check = subprocess.run([sys.executable, "-m", "agent", "personas", "check", str(drafts)],
+        check = subprocess.run([sys.executable, "-m", "server", "personas", "check", str(drafts)],
                                capture_output=True, text=True, timeout=60)
         assert check.returncode == 0, check.stderr
         assert "lumen" in check.stdout and "+14155550199" in check.stdout
-        show = subprocess.run([sys.executable, "-m", "agent", "personas", "show", "2077", "--dir", str(drafts)],
+        show = subprocess.run([sys.executable, "-m", "server", "personas", "show", "2077", "--dir", str(drafts)],
                               capture_output=True, text=True, timeout=60)
         assert meta["prompt"] in show.stdout and "VARF1" in show.stdout
         # a broken form is refused with its problems named, nothing is called

@@ -32,8 +32,10 @@ def firefox(tmp_path):
     from tests.support.firefox import Firefox
 
     ff = Firefox(tmp_path)
-    yield ff
-    ff.close()
+    try:
+        yield ff
+    finally:
+        ff.close()
 
 
 def test_firefox_call_end_to_end(server, firefox):

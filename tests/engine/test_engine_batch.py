@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.engine import Engine
-from agent.generator import Phase
-from agent.sampling import SamplingParams
+from agent.model.engine import Engine
+from agent.model.generator import Phase
+from agent.model.sampling import SamplingParams
 from tests.support import frames_of, speechlike
 
 CALLS = [

@@ -13,10 +13,10 @@ import shutil
 import numpy as np
 from safetensors.torch import load_file, save_file
 
-from agent.engine import Engine
-from agent.model_files import local_model_files
-from agent.model_loader import count_depformer_sets, load_model, slice_depformer
-from agent.sampling import SamplingParams
+from agent.model.engine import Engine
+from agent.model.files import local_model_files
+from agent.model.loader import count_depformer_sets, load_model, slice_depformer
+from agent.model.sampling import SamplingParams
 from tests.support import frames_of
 
 GREEDY = SamplingParams(greedy=True)
@@ -33,7 +33,7 @@ def run_golden(model, golden, pcm, sampling=GREEDY, seed=None):
 
 
 def test_text_prompt_tokens(golden_model, golden):
-    from agent.prompt import tokenize_prompt, wrap_system_prompt
+    from agent.model.prompt import tokenize_prompt, wrap_system_prompt
 
     assert wrap_system_prompt(golden["text_prompt"]) == golden["text_prompt_wrapped"]
     assert tokenize_prompt(golden_model.text_tokenizer, golden["text_prompt"]) == golden["text_prompt_tokens"]
@@ -58,7 +58,7 @@ def test_golden_greedy_tokens_codes_and_pcm(golden_model, golden, golden_dir, go
 
 
 def test_offline_cli_reproduces_golden(golden_dir, golden, tmp_path):
-    from agent.cli import main
+    from server.cli.main import main
 
     rc = main(["--log-format", "json", "offline", "--model-dir", str(golden_dir), "--device", "cpu",
                "--voice-prompt", "TINY0", "--text-prompt", golden["text_prompt"], "--greedy",

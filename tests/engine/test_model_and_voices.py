@@ -11,12 +11,30 @@ import pytest
 import torch
 
 from agent.errors import BadInput, ModelUnavailable, VoiceNotFound
-from agent.model_files import hub_model_files, local_model_files
-from agent.voices import STOCK_VOICES, load_voice_pt, resolve_voice
+from agent.model.files import hub_model_files, local_model_files
+from agent.model.voices import STOCK_VOICES, load_voice_pt, resolve_voice
+
+
+def test_loading_skips_the_initial_weights_and_leaves_torch_as_it_was(demo_dir):
+    """The LM is built without drawing initial weights (its checkpoint replaces them; drawing
+    them on the meta device imported torch._dynamo, 1.9 s of every start), and torch's init
+    functions are torch's again afterwards."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from agent.model.files import local_model_files\n"
+            "from agent.model.loader import load_model\n"
+            f"load_model(local_model_files({str(demo_dir)!r}), device='cpu')\n"
+            "assert torch.nn.init.normal_.__module__ == 'torch.nn.init', torch.nn.init.normal_\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip().splitlines()[-1] == "False"
 
 
 def test_demo_model_is_deterministic_and_complete(demo_dir, tmp_path):
-    from agent.demo_model import demo_model_dir
+    from agent.model.demo import demo_model_dir
 
     other = demo_model_dir(tmp_path / "again")
 
@@ -117,7 +135,7 @@ def test_hub_without_network_says_so_quickly(monkeypatch, tmp_path):
 def test_hub_error_messages(monkeypatch):
     from huggingface_hub import errors as hf_errors
 
-    from agent.model_files import _hf_error_message
+    from agent.model.files import _hf_error_message
 
     class Resp:
         status_code = 401
@@ -137,7 +155,7 @@ def test_hub_error_messages(monkeypatch):
 def test_offline_accepts_any_rate_and_channels(demo_dir, tmp_path):
     import sphn
 
-    from agent.cli import main
+    from server.cli.main import main
 
     stereo = np.stack([np.sin(np.arange(44100) / 10), np.cos(np.arange(44100) / 7)]).astype(np.float32) * 0.3
     sphn.write_wav(str(tmp_path / "in.wav"), stereo, 44100)
@@ -149,7 +167,7 @@ def test_offline_accepts_any_rate_and_channels(demo_dir, tmp_path):
 
 
 def test_offline_bad_inputs_get_one_line(demo_dir, tmp_path, capsys):
-    from agent.cli import main
+    from server.cli.main import main
 
     (tmp_path / "empty.wav").write_bytes(b"")
     (tmp_path / "junk.wav").write_bytes(b"RIFF\x00junkjunkjunk")
@@ -166,9 +184,9 @@ def test_custom_wav_voice_equals_its_recorded_pt(demo_model, tmp_path):
     """A custom voice given as a wav (encoded each time) and its recorded .pt replay identically."""
     import sphn
 
-    from agent.engine import Engine
-    from agent.sampling import SamplingParams
-    from agent.voice_record import record_voice_prompt, save_voice_pt
+    from agent.model.engine import Engine
+    from agent.model.sampling import SamplingParams
+    from agent.model.voice_record import record_voice_prompt, save_voice_pt
     from tests.support import speechlike
 
     wav = tmp_path / "me.wav"
@@ -195,7 +213,7 @@ def test_custom_wav_voice_equals_its_recorded_pt(demo_model, tmp_path):
 def test_voices_cli_lists_and_makes(demo_dir, tmp_path, capsys):
     import sphn
 
-    from agent.cli import main
+    from server.cli.main import main
     from tests.support import speechlike
 
     assert main(["voices", "list", "--model-dir", str(demo_dir), "--device", "cpu"]) == 0

@@ -7,12 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.barge_in import BargeInConfig
-from agent.events import CallState
+from agent.barge_in.detector import BargeInConfig
+from agent.calls.events import CallState
 from agent.personas import load_persona_dir
-from agent.sampling import SamplingParams
-from agent.scheduler import Scheduler, SchedulerConfig
-from agent.voices import STOCK_VOICES
+from agent.model.sampling import SamplingParams
+from agent.calls.scheduler import Scheduler, SchedulerConfig
+from agent.model.voices import STOCK_VOICES
 from tests.support import poll
 
 FRAMES = 10
@@ -47,7 +47,7 @@ def first_frames(sch: Scheduler, persona, seed: int) -> tuple[np.ndarray, list]:
     frames: list = []
 
     def attach(sess):
-        sess.recorder = lambda caller, agent, text, index: frames.append((agent.copy(), text))
+        sess.add_frame_tap(lambda caller, agent, text, index: frames.append((agent.copy(), text)))
     sch.on_call_start.append(attach)
     try:
         sess = sch.place_call(persona, persona.numbers[0], "test", seed=seed)

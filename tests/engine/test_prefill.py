@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from agent.engine import Engine
-from agent.generator import Phase
-from agent.sampling import SamplingParams
+from agent.model.engine import Engine
+from agent.model.generator import Phase
+from agent.model.sampling import SamplingParams
 from tests.support import speechlike
 
 CITYSAN = "You work for CitySan Services which is a waste management and your name is Ayelen Lucero."

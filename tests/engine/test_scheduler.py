@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.barge_in import BargeInConfig
-from agent.events import CallState, EndReason, StateChanged
+from agent.barge_in.detector import BargeInConfig
+from agent.calls.events import CallState, EndReason, StateChanged
 from agent.personas import load_persona_dir
-from agent.scheduler import TICK_MARGIN_S, CallRefused, Scheduler, SchedulerConfig
-from agent.session import FRAME
-from agent.voices import STOCK_VOICES
-from tests.support import poll, speechlike
+from agent.calls.scheduler import TICK_MARGIN_S, CallRefused, Scheduler, SchedulerConfig
+from agent.calls.session import FRAME
+from agent.model.voices import STOCK_VOICES
+from tests.support import machine_cannot, poll, speechlike
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,7 +55,7 @@ def record_consumed(sch) -> dict[str, list]:
 
     def attach(sess):
         frames = consumed.setdefault(sess.call_id, [])
-        sess.recorder = lambda caller, agent, text, index: frames.append(caller)
+        sess.add_frame_tap(lambda caller, agent, text, index: frames.append(caller))
     sch.on_call_start.append(attach)
     return consumed
 
@@ -91,6 +91,15 @@ def room_for_catch_up(sch: Scheduler) -> bool:
     return 2 * sch.step_est_s < sch.config.tick_s - TICK_MARGIN_S
 
 
+def need_room_for_catch_up(sch: Scheduler) -> None:
+    """The catch-up promise is checked only where it is made: on a machine where two steps do
+    not fit a tick the check skips, saying so (and fails under CI, see `machine_cannot`); the
+    test's other assertions have run by then."""
+    if not room_for_catch_up(sch):
+        machine_cannot(f"catch-up steps are promised only when two steps fit a tick: a step takes "
+                       f"{sch.step_est_s * 1000:.0f} ms here, the tick {sch.config.tick_s * 1000:.0f} ms")
+
+
 def talk(sessions, seconds: float, seed0: int = 1) -> list[Caller]:
     callers = [Caller(s, speechlike(seconds, seed0 + k)) for k, s in enumerate(sessions)]
     for c in callers:
@@ -115,6 +124,18 @@ def spoken_once_consumed(frames: list, n: int) -> np.ndarray:
     """`spoken(frames)` once `n` samples of speech have been through the model (a frame taken
     from the inbound buffer is recorded when its step is done)."""
     return poll(lambda: spoken(frames), lambda heard: len(heard) >= n, 5, step=0.02)
+
+
+def assert_signal_less_counted_cuts(heard: np.ndarray, signal: np.ndarray, cut: int) -> None:
+    """`heard` is `signal` with `cut` samples taken out, the rest in order and unchanged (a
+    greedy subsequence match: the signal's noise values are all but unique)."""
+    assert len(heard) == len(signal) - cut, (len(heard), len(signal), cut)
+    sig, j = signal.tolist(), 0
+    for i, v in enumerate(heard.tolist()):
+        while j < len(sig) and sig[j] != v:
+            j += 1
+        assert j < len(sig), f"heard sample {i} is not the signal's next (reordered or altered)"
+        j += 1
 
 
 def test_any_prompt_answers_within_two_ticks_with_calls_live(make_scheduler, personas):
@@ -192,11 +213,17 @@ def test_no_caller_audio_lost_across_a_stalled_tick(make_scheduler, personas):
     assert wait_for(lambda: caller.pushed > 12000, 10)
     sch._cmds.put(lambda: time.sleep(0.25))  # the engine thread stalls: a late tick
     caller.join()
-    heard = spoken_once_consumed(consumed[sess.call_id], len(signal))
+    dropped = sess.stats.caller_dropped_samples
+    heard = spoken_once_consumed(consumed[sess.call_id], len(signal) - dropped)
+    if dropped:
+        # an engine slower than real time throughout (a loaded machine): the latency bound cut
+        # audio, and every sample it cut was counted; what the model heard is the rest, in order
+        assert_signal_less_counted_cuts(heard, signal, dropped)
+        machine_cannot(f"the engine overran {sess.stats.engine_overruns} of {sess.stats.frames_in} ticks "
+                       f"besides the stall: too slow here to promise every sample (the cut was counted)")
     np.testing.assert_array_equal(heard, signal)  # every sample, in order
-    assert sess.stats.caller_dropped_samples == 0
-    if room_for_catch_up(sch):
-        assert sess.stats.catch_up_steps >= 2  # the stall's backlog was stepped through, not trimmed
+    need_room_for_catch_up(sch)
+    assert sess.stats.catch_up_steps >= 2  # the stall's backlog was stepped through, not trimmed
 
 
 def test_late_caller_audio_is_silence_then_caught_up(make_scheduler, personas):
@@ -218,9 +245,9 @@ def test_late_caller_audio_is_silence_then_caught_up(make_scheduler, personas):
     assert wait_for(lambda: len(spoken(frames[at:])) >= len(burst), 5)
     np.testing.assert_array_equal(spoken(frames[at:]), burst)
     assert sch.metrics.late_inbound._value.get() >= late
-    if room_for_catch_up(sch):
-        assert sch.ticks - ticks0 <= 2  # consumed within a tick or two, not one frame per tick
-        assert sess.stats.catch_up_steps >= 1
+    need_room_for_catch_up(sch)
+    assert sch.ticks - ticks0 <= 2  # consumed within a tick or two, not one frame per tick
+    assert sess.stats.catch_up_steps >= 1
 
 
 def test_a_backlog_is_stepped_through_by_catch_up_steps(make_scheduler, personas):
@@ -275,11 +302,12 @@ def test_over_capacity_is_refused_without_hurting_calls(make_scheduler, personas
     for c in callers:
         c.join()
     assert all(len(c.heard) >= 10 for c in callers)
+    slot_a = sch.binding_of(a).slot
     a.hangup()
     assert wait_for(lambda: sch.capacity_left == 1, 5)
     c = sch.place_call(p, "1001", "test")  # the freed slot is reusable
-    assert wait_for(lambda: c.slot is not None, 5)
-    assert c.slot == a.slot
+    assert wait_for(lambda: sch.binding_of(c) is not None and sch.binding_of(c).slot is not None, 5)
+    assert sch.binding_of(c).slot == slot_a
     sch.begin_drain()
     with pytest.raises(CallRefused) as exc:
         sch.place_call(p, "1001", "test")
@@ -322,7 +350,7 @@ def test_dead_endpoint_and_long_calls_are_ended(make_scheduler, personas):
     talk([talker], 2.0)
     assert wait_for(lambda: silent.state is CallState.ENDED and talker.state is CallState.ENDED, 10)
     assert silent.end_reason is EndReason.ENDPOINT_TIMEOUT
-    assert talker.end_reason is EndReason.MAX_DURATION and 12 <= talker.live_frames <= 14
+    assert talker.end_reason is EndReason.MAX_DURATION and 12 <= talker.stats.frames_out - 1 <= 14  # live frames
 
 
 def test_outbound_queue_stays_shallow(make_scheduler, personas):
@@ -342,23 +370,15 @@ def test_outbound_queue_stays_shallow(make_scheduler, personas):
 @pytest.fixture(scope="module")
 def short_context_model(demo_dir, tmp_path_factory):
     """The demo model with a 400-frame context, so the context limit comes within seconds."""
-    import json
+    from agent.model.files import local_model_files
+    from agent.model.loader import load_model
+    from tests.support.models import small_context_dir
 
-    from agent.model_files import local_model_files
-    from agent.model_loader import load_model
-
-    d = tmp_path_factory.mktemp("short")
-    for p in demo_dir.iterdir():
-        if p.is_dir():
-            shutil.copytree(p, d / p.name)
-        else:
-            shutil.copy(p, d / p.name)
-    arch = json.loads((d / "personaplex_arch.json").read_text())
-    arch["lm_kwargs"]["context"] = 400
-    (d / "personaplex_arch.json").write_text(json.dumps(arch))
-    return load_model(local_model_files(d), device="cpu")
+    return load_model(local_model_files(small_context_dir(demo_dir, tmp_path_factory.mktemp("short"), 400)),
+                      device="cpu")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["hangup", "slide"])
 def test_context_limit_policy(short_context_model, personas, policy):
     sch = Scheduler(short_context_model, SchedulerConfig(max_calls=1, realtime=False, context_policy=policy,
@@ -368,17 +388,20 @@ def test_context_limit_policy(short_context_model, personas, policy):
     try:
         sess = sch.place_call(personas.route("1001"), "1001", "test")
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if sess.state is CallState.ENDED or sch.metrics.calls_at_context_limit._value.get() >= 1 \
-                    and sess.live_frames > 420:
+        at_limit = None  # live frames when the context filled
+        while time.monotonic() < deadline and sess.state is not CallState.ENDED:
+            if at_limit is None and sch.metrics.calls_at_context_limit._value.get() >= 1:
+                at_limit = sess.stats.frames_out
+            if at_limit is not None and sess.stats.frames_out > at_limit + 25:
                 break
             sess.pull_frame()
             time.sleep(0.01)
         assert sch.metrics.calls_at_context_limit._value.get() == 1
         if policy == "hangup":
             assert sess.end_reason is EndReason.CONTEXT_LIMIT
-            assert sess.live_frames < 400
-        else:
-            assert sess.state is not CallState.ENDED and sess.live_frames > 400  # the call slides on
+            assert sess.stats.frames_out - 1 < 400
+        else:  # the call slides on past its context (the prompt's frames count in it too)
+            assert at_limit is not None and sess.state is not CallState.ENDED
+            assert sess.stats.frames_out > at_limit + 25
     finally:
         sch.stop()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from agent.audio_io import read_audio
-from agent.vad import VAD_CHUNK, BatchedVad, VadStream
+from agent.barge_in.vad import VAD_CHUNK, BatchedVad, VadStream
 from tests.support import speechlike
 
 
@@ -56,3 +56,37 @@ def test_stream_resamples_24k_and_runs_whole_chunks(vad, spoken_wav):
     quiet = VadStream()
     quiet.feed(np.zeros(24000, np.float32))
     assert max(vad.run([quiet])[0]) < 0.3
+
+
+def test_the_worker_runs_every_call_in_one_batch_per_chunk_time(spoken_wav):
+    """Packets of 8 calls, each call's 20 ms packet at its own moment (as transports deliver
+    them): every chunk is judged, and in rounds of about one per chunk's time (32 ms) with the
+    calls batched, not in a forward per call per packet."""
+    import time
+
+    from agent.barge_in.detector import BargeInConfig
+    from agent.barge_in.vad import VadVerdicts, VadWorker
+    from agent.calls.events import CallState
+    from agent.calls.session import CallSession
+    from agent.personas.schema import Persona
+
+    persona = Persona(id="p", kind="prompt", numbers=("1",), voice="NATF0", prompt="Hi.", source="p.yaml")
+    sessions = []
+    for _ in range(8):
+        s = CallSession(persona, "1", "test", BargeInConfig(enabled=False))
+        s.set_state(CallState.LIVE)
+        sessions.append(s)
+    speech = read_audio(spoken_wav, 24000)[: 24000]
+    worker = VadWorker(VadVerdicts(lambda s: None, lambda s: None))
+    worker.start()
+    try:
+        assert worker.wait_loaded()
+        for i in range(0, len(speech), 480):
+            for s in sessions:
+                worker.audio(s, speech[i:i + 480])
+                time.sleep(0.0025)
+        time.sleep(0.3)
+    finally:
+        worker.stop()
+    assert worker.chunks >= 8 * (len(speech) * 2 // 3 // VAD_CHUNK - 1)  # every whole chunk of every call
+    assert worker.rounds * 4 <= worker.chunks, (worker.rounds, worker.chunks)  # batched: 8 calls a round

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.model_files import LM_FILE, MIMI_FILE, TEXT_TOKENIZER_FILE, VOICES_ARCHIVE, local_model_files
-from agent.voices import STOCK_VOICES, available_voices
+from agent.model.files import LM_FILE, MIMI_FILE, TEXT_TOKENIZER_FILE, VOICES_ARCHIVE, local_model_files
+from agent.model.voices import STOCK_VOICES, available_voices
 
 
 def model_folder(demo_dir: Path, root: Path) -> Path:
@@ -33,9 +33,9 @@ def add_bytes(tar: tarfile.TarFile, name: str, data: bytes, **kw) -> None:
 
 
 def test_model_folder_with_voices_tgz_loads_and_speaks(demo_dir, tmp_path):
-    from agent.engine import Engine
-    from agent.model_loader import load_model
-    from agent.sampling import SamplingParams
+    from agent.model.engine import Engine
+    from agent.model.loader import load_model
+    from agent.model.sampling import SamplingParams
     from tests.support import speechlike
 
     root = model_folder(demo_dir, tmp_path / "model")

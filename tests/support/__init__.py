@@ -58,6 +58,34 @@ def stable_port(low: int = 24000, high: int = 32000) -> int:
     raise RuntimeError(f"no free port in {low}-{high}")
 
 
+#: RTP port blocks a test server's `sip.rtp_port` comes from: below `stable_port`'s range and the
+#: kernel's ephemeral range, so no caller's bind(0) takes them and no two servers of a run share one.
+RTP_LOW, RTP_HIGH, RTP_BLOCK = 10000, 24000, 200
+_RTP_GIVEN: set[int] = set()
+
+
+def rtp_ports() -> int:
+    """The first port of a block of RTP_BLOCK UDP ports for one test server (its `sip.rtp_port`),
+    never handed out twice in one run; the first block whose first pair binds, from a random
+    start (other test runs on this machine start elsewhere). pjsua takes the next free pair if
+    one is busy, so a block is a starting point, not a fence."""
+    blocks = list(range(RTP_LOW, RTP_HIGH, RTP_BLOCK))
+    first = random.randrange(len(blocks))
+    for base in blocks[first:] + blocks[:first]:
+        if base in _RTP_GIVEN:
+            continue
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a, \
+                    socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b:
+                a.bind(("127.0.0.1", base))
+                b.bind(("127.0.0.1", base + 1))
+        except OSError:
+            continue
+        _RTP_GIVEN.add(base)
+        return base
+    raise RuntimeError(f"no free RTP block in {RTP_LOW}-{RTP_HIGH}")
+
+
 def frames_of(pcm: np.ndarray, frame: int = 1920) -> list[np.ndarray]:
     n = -(-len(pcm) // frame)
     padded = np.zeros(n * frame, dtype=np.float32)
@@ -83,6 +111,24 @@ def speech_wav(path: Path, text: str, rate: int) -> Path:
     return path
 
 
+def spoken_ulaw_wav(d: Path, text: str) -> Path:
+    """`text` spoken by espeak-ng as an 8 kHz μ-law wav: what a sipp callee's rtp_stream plays."""
+    wav8 = speech_wav(d / "callee8k.wav", text, 8000)
+    out = d / "callee_ulaw.wav"
+    subprocess.run(["sox", str(wav8), "-e", "u-law", str(out)], check=True)
+    return out
+
+
+def voicemail_greeting_ulaw(d: Path, name: str) -> bytes:
+    """A voicemail greeting (about 6 s of espeak-ng speech) as raw 8 kHz μ-law bytes, what an
+    answering machine plays: the outbound tests' callee when it is not a person."""
+    wav8 = speech_wav(d / "greeting8k.wav", f"Hi, you have reached {name}. I can't take your call right now. "
+                      "Please leave a message after the tone.", 8000)
+    raw = d / "greeting.ulaw"
+    subprocess.run(["sox", str(wav8), "-t", "raw", "-e", "u-law", str(raw)], check=True)
+    return raw.read_bytes()
+
+
 #: What each external component is and how the project's own set-up installs it.
 INSTALLED_BY = {
     "espeak-ng": "Debian package espeak-ng, installed by scripts/setup.sh (make test runs it)",
@@ -92,6 +138,8 @@ INSTALLED_BY = {
     "firefox-esr": "Debian package firefox-esr, installed by scripts/setup.sh",
     "kamailio": "Debian package kamailio, installed by scripts/setup.sh",
     "haproxy": "Debian package haproxy, installed by scripts/setup.sh",
+    "redis-server": "Debian package redis-server, installed by scripts/setup.sh",
+    "systemd-analyze": "Debian package systemd, installed by scripts/setup.sh",
     "pjsua2": "built from Debian's pjproject source by scripts/build_pjsua2.sh (run by scripts/setup.sh)",
 }
 
@@ -109,3 +157,18 @@ def require(component: str) -> None:
     if not present:
         pytest.fail(f"required test component missing: {component} ({INSTALLED_BY.get(component, '')})",
                     pytrace=False)
+
+
+def machine_cannot(reason: str) -> None:
+    """A check this machine cannot make (too slow for a timing promise, say): a visible skip
+    with the reason (listed in every run's summary: `make test` passes `-rs`), never a silent pass.
+    With PERSONAPLEX_STRICT_MACHINE=1 (a CI machine sized for every check) a failure instead; the
+    project's own CI runs on 2 shared cores, where these checks cannot hold."""
+    import os
+
+    import pytest
+
+    if os.environ.get("PERSONAPLEX_STRICT_MACHINE") == "1":
+        pytest.fail(f"this machine cannot make a check it was declared sized for: {reason}", pytrace=False)
+    pytest.skip(reason)
+

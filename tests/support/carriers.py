@@ -43,8 +43,8 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from telephony.codecs import mulaw_decode, mulaw_encode
-from telephony.twilio import SIGNATURE_HEADER, twilio_signature
+from telephony.audio.codecs import mulaw_decode, mulaw_encode
+from telephony.streams.twilio import GRANT_PARAMETER, SIGNATURE_HEADER, stream_grant, twilio_signature
 
 FRAME_S = 0.020  # both carriers send 20 ms media frames
 
@@ -132,6 +132,12 @@ class CarrierCaller:
         self.close_code: int | None = None
         self.closed_by_server = False
         self.started = asyncio.Event()  # set once `start` went out
+        # seconds after which no more media frames go out while the socket stays open (a
+        # carrier whose media stopped without `stop`); None: media for the whole call
+        self.mute_after: float | None = None
+        self.burst = 1  # frames that go out together, every `burst` frame times (2: pairs every 40 ms)
+        self.skip: set[int] = set()  # media chunk numbers never sent (lost on the way)
+        self.muted_at: float | None = None  # monotonic time the last media frame went out
         # internals
         self._chunks: list[np.ndarray] = []
         self._ws: aiohttp.ClientWebSocketResponse | None = None
@@ -221,11 +227,17 @@ class CarrierCaller:
         frames = self._caller_frames(n)
         start = time.monotonic()
         for k, i in enumerate(self._send_order(n)):
-            delay = start + k * FRAME_S - time.monotonic()
+            delay = start + (k - k % self.burst) * FRAME_S - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             if receiver.done():  # the agent closed the socket
                 return
+            if self.mute_after is not None and k * FRAME_S >= self.mute_after:
+                if self.muted_at is None:
+                    self.muted_at = time.monotonic()
+                continue
+            if i + 1 in self.skip:
+                continue
             if not await self._send(self._media(i + 1, frames[i])):
                 return
             self.frames_sent += 1
@@ -332,7 +344,10 @@ class TwilioCaller(CarrierCaller):
     frame both ways, `parameters` delivered as `start.customParameters`.
 
     `auth_token`: when given, the WebSocket upgrade carries an `X-Twilio-Signature` over the
-    stream URL (no form parameters), as Twilio signs its requests."""
+    stream URL (no form parameters), as Twilio signs its requests, and (unless `grant=False`)
+    the parameters carry the per-call grant our voice webhook would have put in its TwiML for
+    this CallSid (made by the product's own `stream_grant`; the webhook path itself is tested
+    through the webhook, see tests/e2e/test_carrier_auth.py)."""
 
     carrier = "twilio"
     seq_field = "sequenceNumber"
@@ -340,7 +355,7 @@ class TwilioCaller(CarrierCaller):
     def __init__(self, ws_url: str, *, stream_sid: str | None = None, call_sid: str | None = None,
                  account_sid: str | None = None, parameters: dict[str, str] | None = None,
                  wav_or_pcm: AudioSource = None, auth_token: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, grant: bool = True) -> None:
         headers = dict(headers or {})
         if auth_token is not None:
             headers[SIGNATURE_HEADER] = twilio_signature(auth_token, ws_url, {})
@@ -349,6 +364,9 @@ class TwilioCaller(CarrierCaller):
         self.call_sid = call_sid or "CA" + secrets.token_hex(16)
         self.account_sid = account_sid or "AC" + secrets.token_hex(16)
         self.parameters = dict(parameters or {})
+        if auth_token is not None and grant and GRANT_PARAMETER not in self.parameters:
+            self.parameters[GRANT_PARAMETER] = stream_grant(auth_token, self.call_sid, self.parameters,
+                                                            int(time.time()) + 300)
 
     def _connected(self) -> dict[str, Any]:
         return {"event": "connected", "protocol": "Call", "version": "1.0.0"}

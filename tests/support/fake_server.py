@@ -10,8 +10,8 @@ Everything else is the product: admission, legs, VAD, barge-in flushing, pacing.
 
 It also taps what each transport sends (the SIP port's frames, the WebRTC track's frames, the
 carrier streams' media) and logs, per transport, when the agent's audio turns loud or quiet
-(`{"event": "tap", "transport": ..., "loud": ..., "t": wall clock}`), so a test can measure how
-soon what the caller hears follows a barge-in.
+(`{"event": "tap", "transport": ..., "leg": ..., "loud": ..., "t": wall clock}`), so a test can
+measure how soon what the caller hears follows a barge-in.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ log = structlog.get_logger("fake")
 
 def scripted(scheduler, mode: str, sentence: np.ndarray | None = None) -> None:
     """Replace the engine's step for live calls (prompt steps stay real: calls start as usual)."""
-    from agent.engine import FrameOut
-    from agent.generator import Phase
+    from agent.model.engine import SlotOutput
+    from agent.model.generator import Phase
 
     engine = scheduler.engine
     real = engine.step
@@ -48,7 +48,8 @@ def scripted(scheduler, mode: str, sentence: np.ndarray | None = None) -> None:
     def frame_for(slot: int, feed) -> np.ndarray:
         if mode == "echo":
             return np.asarray(feed.get(slot, np.zeros(FRAME, np.float32)), dtype=np.float32)
-        sess = scheduler._calls.get(slot)
+        binding = scheduler._calls.get(slot)
+        sess = binding.session if binding is not None else None
         key = sess.call_id if sess is not None else str(slot)
         if mode == "speech":
             k = phase.get(key, 0)
@@ -73,7 +74,7 @@ def scripted(scheduler, mode: str, sentence: np.ndarray | None = None) -> None:
         out = real(feed, set(rows) - set(live)) if len(live) < len(rows) else {}
         for b in live:
             engine.generator.slots[b].offset += 1  # positions advance as for a real step
-            out[b] = FrameOut(pcm=frame_for(b, feed), text_token=3, text=None, tokens=np.zeros(17, np.int64),
+            out[b] = SlotOutput(pcm=frame_for(b, feed), text_token=3, text=None, tokens=np.zeros(17, np.int64),
                               first=False)
         return out
     engine.step = step
@@ -91,11 +92,11 @@ class _Tap:
         loud = bool(len(pcm)) and float(np.sqrt(np.mean(np.square(pcm, dtype=np.float64)))) > LOUD
         if self.loud.get(key) != loud:
             self.loud[key] = loud
-            log.info("tap", transport=self.transport, loud=loud, t=time.time())
+            log.info("tap", transport=self.transport, leg=key, loud=loud, t=time.time())
 
 
 def install_taps() -> None:
-    import telephony.media_stream as ms
+    import telephony.streams.base as ms
     import telephony.sip.port as sipport
     import telephony.webrtc.tracks as tracks
 
@@ -130,9 +131,9 @@ def install_taps() -> None:
 def main() -> int:
     from pathlib import Path
 
-    from agent.logging_setup import configure_logging
-    from agent.server.config import load_config
-    from agent.server.runtime import Runtime
+    from server.logging_setup import configure_logging
+    from server.config import load_config
+    from server.runtime import Runtime
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", required=True)

@@ -3,6 +3,7 @@
 OMAR = """\
 kind: service
 numbers: ["2040"]
+browser: true          # browser calls reach it too (the context tests call it from a page)
 company: CitySan Services
 business: waste management
 agent_name: Ayelen Lucero

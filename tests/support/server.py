@@ -7,7 +7,6 @@ import re
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,8 +16,11 @@ from pathlib import Path
 
 import yaml
 
-from tests.support import ROOT, free_port, poll
+from tests.support import ROOT, poll, stable_port
 
+
+TEST_TWILIO_TOKEN = "test-twilio-auth-token-0123456789"
+TEST_TELNYX_TOKEN = "test-telnyx-stream-token-0123456789"
 
 
 def http_json(url: str, timeout: float = 5.0) -> tuple[int, dict]:
@@ -44,6 +46,31 @@ def metric(srv: "ServerProcess", sample: str) -> float:
     return 0.0
 
 
+#: Environment a test server must not inherit: with them, `model.source: auto` (the demo config)
+#: would fetch or load the 7B PersonaPlex weights of whoever runs the tests (the README tells
+#: users to export HF_TOKEN).
+HUB_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")
+
+
+def server_env(cache: Path | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a test server process: this one's, minus the Hugging Face settings
+    (HUB_ENV), with the demo-model cache, no torch.compile and this checkout on the path."""
+    env = {k: v for k, v in os.environ.items() if k not in HUB_ENV}
+    if cache is not None:
+        env["PERSONAPLEX_CACHE"] = str(cache)
+    env.update(NO_TORCH_COMPILE="1", PYTHONPATH=str(ROOT))
+    env.update(extra or {})
+    return env
+
+
+def pinned_model(cache: Path) -> dict:
+    """The `model:` section of a test server: the demo model's folder under `cache`, named
+    (`source: dir`), so no setting or environment can put a test server on other weights."""
+    from agent.model.demo import demo_model_dir
+
+    return {"source": "dir", "dir": str(demo_model_dir(cache))}
+
+
 class ServerProcess:
     def __init__(self, tmp: Path, cache: Path, overrides: dict | None = None, env: dict[str, str] | None = None,
                  allow_errors: list[str] | None = None, module: str | None = None, args: list[str] | None = None):
@@ -52,36 +79,51 @@ class ServerProcess:
         `stop()`, as does an exit status other than the one expected."""
         self.allowed = [re.compile(p) for p in (allow_errors or [])]
         self.stopped: int | None = None  # exit status once stop() has run its checks
-        self.port = free_port()
-        self.sip_port = free_port(socket.SOCK_DGRAM)
+        # below the kernel's ephemeral range, apart from the RTP ranges tests pick with stable_port():
+        # no client's connect() can hold them (seen: the ops
+        # port taken by an outgoing connection between the probe and the server's bind)
+        self.port = stable_port(20000, 24000)
+        self.sip_port = stable_port(20000, 24000)
         cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
         cfg["http"]["port"] = self.port
         cfg["sip"]["port"] = self.sip_port
         cfg["sip"]["enabled"] = False
-        self.ops_port = free_port()
+        self.ops_port = stable_port(20000, 24000)
         cfg["ops"] = {"host": "127.0.0.1", "port": self.ops_port}
         cfg["logging"] = {"format": "json", "level": "info"}
         personas = tmp / "personas"
         if not personas.exists():
             shutil.copytree(ROOT / "personas", personas)
         cfg["personas"]["dir"] = str(personas)
+        cfg["model"] = pinned_model(cache)
+        # the caller's transcriber costs ~20 ms of every tick on these CPUs: on only where a test
+        # asks for it (`overrides={"transcript": {"caller": "kyutai"}}`)
+        cfg["transcript"] = {"caller": "off"}
         for section, values in (overrides or {}).items():
             if isinstance(values, dict):
                 cfg.setdefault(section, {}).update(values)
             else:
                 cfg[section] = values
+        env = dict(env or {})
+        # carriers fail closed: a test server that enables one gets real credentials (callers
+        # made with `telnyx_caller`/`twilio_caller` present them), unless the test sets its own
+        tw, tx = cfg.get("twilio", {}), cfg.get("telnyx", {})
+        self.twilio_token = env.setdefault(tw.get("auth_token_env", "TWILIO_AUTH_TOKEN"), TEST_TWILIO_TOKEN)
+        if tx.get("enabled") and not tx.get("allow_unauthenticated"):
+            tx.setdefault("stream_auth_token_env", "TELNYX_STREAM_TOKEN")
+        self.telnyx_token = env.setdefault(tx.get("stream_auth_token_env") or "TELNYX_STREAM_TOKEN",
+                                           TEST_TELNYX_TOKEN)
         self.config = tmp / "server.yaml"
         self.config.write_text(yaml.safe_dump(cfg))
         self.log_path = tmp / "server.log"
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
         self.ops_url = f"http://127.0.0.1:{self.ops_port}"  # /metrics, /api/calls, persona problems
-        env = dict(os.environ, PERSONAPLEX_CACHE=str(cache), NO_TORCH_COMPILE="1", **(env or {}))
+        env = server_env(cache, env)
         self.log = open(self.log_path, "w")
         # `module`: a test wrapper of the server (e.g. tests.support.fake_server) instead of the CLI
         cmd = ([sys.executable, "-m", module, "--config", str(self.config), *(args or [])] if module
-               else [sys.executable, "-m", "agent", "serve", "--config", str(self.config)])
-        env.setdefault("PYTHONPATH", str(ROOT))
+               else [sys.executable, "-m", "server", "serve", "--config", str(self.config)])
         self.proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 90.0) -> dict:
@@ -97,6 +139,20 @@ class ServerProcess:
                 pass
             time.sleep(0.2)
         raise TimeoutError(self.log_path.read_text()[-3000:])
+
+    def telnyx_caller(self, **kw):
+        """A Telnyx caller on this server's /telnyx/media, presenting its stream token."""
+        from tests.support.carriers import TelnyxCaller
+
+        kw.setdefault("auth_token", self.telnyx_token)
+        return TelnyxCaller(self.ws_url + "/telnyx/media", **kw)
+
+    def twilio_caller(self, **kw):
+        """A Twilio caller on this server's /twilio/media, signed and with its call's grant."""
+        from tests.support.carriers import TwilioCaller
+
+        kw.setdefault("auth_token", self.twilio_token)
+        return TwilioCaller(self.ws_url + "/twilio/media", **kw)
 
     def lines(self) -> list[dict]:
         out = []
@@ -183,6 +239,19 @@ def assert_calls_settled(srv: "ServerProcess", timeout: float = 20.0) -> None:
     """After a test on a shared server: every call it placed has ended and its call_end line is
     written, so no call of one test can end during the next one."""
     assert not poll(lambda: unfinished_calls(srv), lambda left: not left, timeout), "calls still up after the test"
+
+
+def settles_calls_of(fixture: str):
+    """An autouse fixture for a module sharing one server (`fixture`): after each test that used
+    it, every call the test placed has ended (see `assert_calls_settled`)."""
+    import pytest
+
+    @pytest.fixture(autouse=True)
+    def calls_settle(request):
+        yield
+        if fixture in request.fixturenames:
+            assert_calls_settled(request.getfixturevalue(fixture))
+    return calls_settle
 
 
 def ended(srv: "ServerProcess", endpoint: str = "sip") -> set[str]:

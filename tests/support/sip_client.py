@@ -107,8 +107,11 @@ def main() -> int:
             if answered_at and time.monotonic() - answered_at > args.seconds:
                 call.hangup(pj.CallOpParam(True))
                 answered_at = float("inf")
+        # the far end hung up (a BYE) before we did: answered, disconnected, and not by us
+        remote_hangup = (answered_at is not None and answered_at != float("inf")
+                         and call.state == pj.PJSIP_INV_STATE_DISCONNECTED)
         result = {"answered": answered_at is not None, "last_code": call.last_code, "codec": call.codec,
-                  "media_active": call.media_active}
+                  "media_active": call.media_active, "remote_hangup": remote_hangup}
     finally:
         for _ in range(50):
             ep.libHandleEvents(10)

@@ -11,6 +11,11 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaPlayer
 
 
+#: RMS (full scale 1.0) above which a received frame counts as sound: -60 dBFS, far above Opus'
+#: decoded digital silence and far below the demo agent's noise.
+LOUD_RMS = 1e-3
+
+
 class WebRtcCaller:
     def __init__(self, base_url: str, persona: str, wav: str | None = None, extra: dict | None = None,
                  headers: dict | None = None):
@@ -60,16 +65,27 @@ class WebRtcCaller:
                 pass
         self._rx_task = asyncio.ensure_future(rx())
 
+    def loud(self, since: int = 0, floor: float = LOUD_RMS) -> int:
+        """How many of the 20 ms frames received from index `since` on carry sound (RMS above
+        `floor`). The track sends a frame every 20 ms whether the agent speaks or not, so "the
+        call goes on" is this count growing, not the number of frames received."""
+        return sum(1 for f in self.received[since:] if f.size and float(np.sqrt(np.mean(f * f))) > floor)
+
     def kinds(self) -> list[str]:
         return [e.get("type") for e in self.events]
 
     async def hangup(self, timeout: float = 5.0) -> None:
         """Hang up from the page's side; close once the server has said the call ended (its
         last message) or `timeout` passed, so the server's end of the call is not raced."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # a call hung up right after its answer is still connecting: wait for the channel, or
+        # the server only learns the page went when its connect timeout (20 s) runs out
+        while (self.status == 200 and self.channel is not None and self.channel.readyState == "connecting"
+               and loop.time() < deadline):
+            await asyncio.sleep(0.02)
         if self.channel is not None and self.channel.readyState == "open":
             self.channel.send(json.dumps({"type": "hangup"}))
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + timeout
             while "ended" not in self.kinds() and loop.time() < deadline:
                 await asyncio.sleep(0.02)
         await self.close()

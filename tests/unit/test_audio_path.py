@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from agent.barge_in import BargeInConfig
+from agent.barge_in.detector import BargeInConfig
 from agent.personas.schema import Persona
-from agent.events import CallState
+from agent.calls.events import CallState
 from agent.resample import Resampler
-from agent.session import FRAME, CallSession, InboundAudio
-from telephony.audio import Capture, Playout
+from agent.calls.session import FRAME, CallSession, InboundAudio
+from telephony.audio.edge import Capture, Playout
 
 PERSONA = Persona(id="p", kind="prompt", numbers=("1",), voice="NATF0", prompt="Hi.", source="p.yaml")
 
 
 def session(**kw) -> CallSession:
     s = CallSession(PERSONA, "1", "test", BargeInConfig(enabled=False), **kw)
-    s.state = CallState.LIVE
+    s.set_state(CallState.LIVE)
     return s
 
 
@@ -51,6 +51,23 @@ def test_inbound_audio_is_kept_whole_and_in_order_up_to_the_latency_bound():
     waiting = len(sig) - 4 * FRAME  # 320 samples were waiting; 9600 more make 9920: 320 too many
     assert s.inbound_samples == 9600 and s.stats.caller_dropped_samples == waiting
     assert s.take_inbound()[0] == 8001  # the oldest went, the newest stayed
+
+
+def test_caller_audio_from_before_the_answer_is_kept_and_caught_up_without_loss():
+    """A carrier streams the caller from its `start`, while the prompt is prefilled: what arrives
+    before the call is live is kept, and once live it is an allowance over the latency bound that
+    shrinks as the engine consumes it; audio arriving after that is bounded as usual."""
+    s = CallSession(PERSONA, "1", "test", BargeInConfig(enabled=False), max_latency_ms=400)
+    sig = np.arange(1, 24001, dtype=np.float32)  # 1 s before the answer: 2.5 x the bound
+    for i in range(0, len(sig), 480):
+        s.push_audio(sig[i:i + 480])
+    s.set_state(CallState.LIVE)
+    s.push_audio(np.zeros(480, np.float32))  # live now, the backlog stays
+    assert s.stats.caller_dropped_samples == 0 and s.inbound_samples == 24480
+    got = [s.take_inbound() for _ in range(12)]  # the engine catches up (extra steps)
+    np.testing.assert_array_equal(np.concatenate(got), sig[: 12 * FRAME])  # every sample, in order
+    s.push_audio(np.zeros(2 * 9600, np.float32))  # caught up: the usual bound again (plus what is left)
+    assert s.stats.caller_dropped_samples > 0 and s.inbound_samples < 9600 + FRAME
 
 
 def test_inbound_bound_counts_every_dropped_sample():
@@ -92,3 +109,18 @@ def test_playout_standing_backlog_is_trimmed():
         levels.append(len(p._buf))
     assert p.realigned >= 1
     assert max(levels[-8:]) <= FRAME  # back to at most a frame buffered
+
+
+def test_a_new_turn_after_a_barge_in_starts_without_the_old_turns_tail():
+    """The resampler's filter holds the last milliseconds it was given: after a barge-in those
+    belong to the interrupted turn and must not open the next one."""
+    s = session()
+    p = Playout(s, 8000, 160)
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(FRAME) / 24000)).astype(np.float32)
+    s.deliver(tone, None, 0.0)
+    p.next_packet()
+    s.barge_in()
+    assert not p.next_packet().any()
+    s.deliver(np.zeros(FRAME, np.float32), None, 0.1)  # the new turn opens with silence
+    first = p.next_packet()
+    assert np.abs(first).max() < 1e-3, np.abs(first).max()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agent.barge_in import BargeInConfig, BargeInDetector
+from agent.barge_in.detector import BargeInConfig, BargeInDetector
 
 
 def test_barge_in_detector_logic():

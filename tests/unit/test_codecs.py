@@ -1,4 +1,4 @@
-"""G.711 u-law and L16 conversions (telephony.codecs), checked against FFmpeg's codec (PyAV)."""
+"""G.711 u-law and L16 conversions (telephony.audio.codecs), checked against FFmpeg's codec (PyAV)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import av
 import numpy as np
 import pytest
 
-from telephony.codecs import (MULAW_DECODE_INT16, float_to_int16, l16_decode, l16_encode,
+from telephony.audio.codecs import (MULAW_DECODE_INT16, float_to_int16, l16_decode, l16_encode,
                               mulaw_decode, mulaw_encode)
 
 

@@ -1,4 +1,4 @@
-"""Telnyx media streaming frames (telephony.telnyx) and in-order release (telephony.reorder).
+"""Telnyx media streaming frames (telephony.streams.telnyx) and in-order release (telephony.streams.reorder).
 
 Sample frames follow the shapes on Telnyx's "Media Streaming over Websockets" guide and the
 "Stream call media over WebSocket" AsyncAPI page (ids and payloads are ours)."""
@@ -12,11 +12,11 @@ import random
 import numpy as np
 import pytest
 
-from telephony.codecs import mulaw_encode
-from telephony.reorder import Reorderer
-from telephony.streams import (AudioFormat, Connected, DtmfIn, Ignored, MarkIn, MediaIn,
+from telephony.audio.codecs import mulaw_encode
+from telephony.streams.reorder import Reorderer
+from telephony.streams.events import (AudioFormat, Connected, DtmfIn, Ignored, MarkIn, MediaIn,
                                MediaStreamProtocol, Started, Stopped, WireError)
-from telephony.telnyx import TelnyxStream
+from telephony.streams.telnyx import TelnyxStream
 
 STREAM = "32DE0DEA-53CB-4B21-89A4-9E1819C043BC"
 CCID = "v3:T02llQxIyaRkhfRKxgAP8nY511EhFLizdvdUKJiSw8d6A9BborherQ"
@@ -58,8 +58,9 @@ def test_implements_the_protocol():
 
 def test_connected_may_carry_the_streaming_auth_token():
     s = TelnyxStream()
-    s.parse(json.dumps({"event": "connected", "version": "1.0.0", "x-telnyx-streaming-auth-token": "tok"}))
-    assert s.auth_token == "tok"
+    ev = s.parse(json.dumps({"event": "connected", "version": "1.0.0", "x-telnyx-streaming-auth-token": "tok"}))
+    assert ev == Connected("tok")
+    assert s.parse(json.dumps({"event": "connected", "version": "1.0.0"})) == Connected(None)
 
 
 def test_start_frame():

@@ -1,4 +1,4 @@
-"""Twilio Media Streams frames, TwiML and request signatures (telephony.twilio).
+"""Twilio Media Streams frames, TwiML and request signatures (telephony.streams.twilio).
 
 Sample frames follow the shapes on Twilio's "Media Streams - WebSocket Messages" page (ids and
 payloads are ours)."""
@@ -16,10 +16,10 @@ from xml.etree import ElementTree as ET
 import numpy as np
 import pytest
 
-from telephony.codecs import mulaw_decode, mulaw_encode
-from telephony.streams import (AudioFormat, Connected, DtmfIn, Ignored, MarkIn, MediaIn,
+from telephony.audio.codecs import mulaw_decode, mulaw_encode
+from telephony.streams.events import (AudioFormat, Connected, DtmfIn, Ignored, MarkIn, MediaIn,
                                MediaStreamProtocol, Started, Stopped, WireError)
-from telephony.twilio import (TwilioStream, connect_stream_twiml, reject_twiml, twilio_signature,
+from telephony.streams.twilio import (TwilioStream, connect_stream_twiml, reject_twiml, twilio_signature,
                               valid_signature)
 
 from tests.support.carriers import serve_locally
@@ -66,7 +66,7 @@ def test_start_frame_gives_ids_format_and_parameters():
     ev = TwilioStream().parse(start())
     assert ev == Started(stream_id=SID, call_id=CALL, audio=AudioFormat("mulaw", 8000, 1),
                          parameters={"From": "+14155550111", "to": "+14155550100", "persona": "acme"},
-                         caller="+14155550111", dialled="+14155550100")
+                         caller="+14155550111", dialled="+14155550100", account_id=ACCOUNT)
 
 
 def test_start_without_from_to_or_media_format():

@@ -2,7 +2,7 @@
 // Plain ES module, no build step. window.__call exposes counters for automated tests.
 
 const $ = (id) => document.getElementById(id);
-const stats = { agentPeak: 0, agentLoudFrames: 0, texts: 0, events: [], state: "idle" };
+const stats = { agentPeak: 0, agentLoudFrames: 0, texts: 0, events: [], state: "idle", position: 0 };
 window.__call = stats;
 
 let pc = null, channel = null, mic = null, timer = null, started = 0, meterTimer = null, statsTimer = null;
@@ -73,6 +73,14 @@ function onEvent(msg) {
     span.className = "barge";
     span.textContent = " [you interrupted] ";
     $("transcript").append(span);
+  } else if (msg.type === "queue") {
+    queued(msg.position);
+  } else if (msg.type === "refused") {
+    // waited in the queue and no slot came (or the agent is shutting down): the last message
+    stats.state = msg.error;
+    status(msg.error === "busy" ? `All agents are still busy. Try again in ${msg.retry_after || 5} s.`
+      : `The agent cannot take calls now (${msg.reason}). Try again in ${msg.retry_after || 5} s.`, true);
+    cleanup();
   } else if (msg.type === "state") {
     stats.state = msg.state;
     if (msg.state === "answering") status("Connecting to the agent…");
@@ -81,6 +89,13 @@ function onEvent(msg) {
     status(`Call ended (${msg.reason.replaceAll("_", " ")}).`);
     cleanup();
   }
+}
+
+// Every agent busy: the call waits in the queue (hold audio plays) until a slot comes.
+function queued(position) {
+  stats.state = "queued";
+  stats.position = position;
+  status(`All agents are busy, you are number ${position}. Please hold.`);
 }
 
 async function call(playground = null) {
@@ -137,7 +152,7 @@ async function call(playground = null) {
   const body = await res.json();
   if (!res.ok) {
     const msg = res.status === 503 ? `Server busy: ${body.reason}. Try again in ${body.retry_after || 5} s.`
-      : res.status === 401 ? `Cannot call: ${TOKEN_REASONS[body.reason] || body.reason}.`
+      : res.status === 401 ? `Cannot call: ${body.message || body.reason}.`
       : res.status === 429 ? `Too many calls from here: ${body.reason}. Try again in ${body.retry_after || 60} s.`
       : `Call refused: ${body.reason}`;
     status(msg, true);
@@ -148,6 +163,7 @@ async function call(playground = null) {
   }
   await pc.setRemoteDescription({ sdp: body.sdp, type: body.type });
   stats.state = "connected";
+  if (body.queued && stats.position === 0) queued(body.position);
   started = Date.now();
   timer = setInterval(tick, 250);
   startMeters(mic);
@@ -161,6 +177,7 @@ function cleanup() {
   if (pc) pc.close();
   if (mic) mic.getTracks().forEach((t) => t.stop());
   pc = null; channel = null; mic = null;
+  stats.position = 0;
   $("hangup").disabled = true;
   $("call").disabled = false;
   $("pg-call").disabled = false;
@@ -174,16 +191,6 @@ function hangup() {
 }
 
 // -- signed call tokens: from the embedding site (window.personaplexToken) or the URL (#token=...) --
-const TOKEN_REASONS = {
-  missing: "this agent needs a call link from the company's website",
-  expired: "the call link has expired, get a new one",
-  reused: "the call link was already used",
-  bad_signature: "the call link is not valid",
-  persona_not_allowed: "the call link is for another line",
-  invalid: "the call link is not valid",
-  ttl_too_long: "the call link is not valid",
-};
-
 function callToken() {
   if (window.personaplexToken) return String(window.personaplexToken);
   const m = location.hash.match(/(?:^#|&)token=([^&]+)/);
@@ -191,13 +198,9 @@ function callToken() {
 }
 
 // -- the prompt playground (shown when the server has it on) --------------------------------------
-const LIST_FIELDS = ["information", "background"];
-const KIND_FIELDS = {
-  service: ["company", "business", "agent_name", "information"],
-  assistant: ["role", "instructions"],
-  casual: ["topic", "background"],
-  prompt: ["prompt"],
-};
+// Which kinds and fields a persona has is the server's to say (GET /api/playground): set there.
+let LIST_FIELDS = [];
+let KIND_FIELDS = {};
 const SLIDERS = ["temp_audio", "temp_text", "topk_audio", "topk_text"];
 
 function playgroundAuth() {
@@ -259,6 +262,42 @@ async function savePersona() {
   status(`Saved ${a.download}: put it in the personas folder (and run personas check).`);
 }
 
+// The kind menu and each kind's inputs from the server's list: the page's own markup gives the
+// known fields their labels and hints; a field it lacks gets a plain input named after it.
+function buildKinds(info) {
+  KIND_FIELDS = info.fields;
+  LIST_FIELDS = info.list_fields || [];
+  const select = $("pg-kind");
+  const labels = Object.fromEntries([...select.options].map((o) => [o.value, o.textContent]));
+  select.replaceChildren(...info.kinds.map((kind) => {
+    const opt = document.createElement("option");
+    opt.value = kind;
+    opt.textContent = labels[kind] || kind;
+    return opt;
+  }));
+  const sets = Object.fromEntries([...document.querySelectorAll("#pg-form fieldset[data-kind]")]
+    .map((fs) => [fs.dataset.kind, fs]));
+  for (const [kind, fs] of Object.entries(sets)) if (!info.kinds.includes(kind)) fs.remove();
+  let last = sets[info.kinds.find((k) => sets[k])] || null;
+  for (const kind of info.kinds) {
+    let fs = sets[kind];
+    if (!fs) {
+      fs = document.createElement("fieldset");
+      fs.dataset.kind = kind;
+      (last ? last.after(fs) : $("pg-form").prepend(fs));
+    }
+    last = fs;
+    for (const f of KIND_FIELDS[kind]) {
+      if ($(`pg-${f}`)) continue;
+      const label = document.createElement("label");
+      const input = document.createElement(LIST_FIELDS.includes(f) ? "textarea" : "input");
+      input.id = `pg-${f}`;
+      label.append(`${f.replaceAll("_", " ")} `, input);
+      fs.append(label);
+    }
+  }
+}
+
 async function loadPlayground() {
   let res = await fetch("/api/playground");
   if (res.status === 404) return;  // off on this server
@@ -270,6 +309,7 @@ async function loadPlayground() {
     return;
   }
   const info = await res.json();
+  buildKinds(info);
   $("pg-voice").replaceChildren(...info.voices.map((v) => {
     const opt = document.createElement("option");
     opt.value = opt.textContent = v;

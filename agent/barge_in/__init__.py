@@ -1,0 +1,1 @@
+"""Barge-in: the per-call detector (typed verdicts) and the batched VAD worker."""

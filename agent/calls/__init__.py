@@ -1,0 +1,1 @@
+"""The 80 ms call service: sessions, the scheduler's tick loop, starts, policy, ledger, per-call context, long calls."""

@@ -1,0 +1,1 @@
+"""Offline evaluation (the upstream `moshi.offline` equivalent)."""

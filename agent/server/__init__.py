@@ -1,1 +1,0 @@
-"""The server process: configuration, runtime (model, personas, scheduler, endpoints), HTTP."""

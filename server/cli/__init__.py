@@ -1,0 +1,1 @@
+"""`personaplex-agent`: every command of the process."""
