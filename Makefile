@@ -9,7 +9,7 @@ run: setup
 
 test:
 	scripts/setup.sh --test
-	scripts/run_tests.sh --durations=15 -rs
+	scripts/run_tests.sh --durations=15 -rsR
 
 bench: setup
 	.venv/bin/python scripts/bench_engine.py

@@ -54,6 +54,21 @@ def speech(tmp_path_factory) -> dict[int, Path]:
 
 
 @pytest.fixture(scope="module")
+def one_utterance(tmp_path_factory) -> dict[int, Path]:
+    """A caller who says one short thing and then listens (speech, then 8 s of silence): after a
+    barge-in the agent's next turn finds the floor free, so it is heard rather than interrupted
+    again by the same caller still talking (seen: a second barge-in on the resumed turn's first
+    frame flushed it before a packet left, and 'heard again' had nothing to see)."""
+    d = tmp_path_factory.mktemp("utterance")
+    out = {}
+    for rate in (8000, 16000, 48000):
+        said = speech_wav(d / f"u{rate}.wav", "Hello, this is Omar Torres.", rate)
+        out[rate] = d / f"utterance{rate}.wav"
+        subprocess.run(["sox", str(said), str(out[rate]), "pad", "0", "8"], check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
 def fake(tmp_path_factory, demo_dir):
     require("pjsua2")
     tmp = tmp_path_factory.mktemp("fake")
@@ -238,10 +253,13 @@ ENDPOINT = {"sip": "sip", "webrtc": "webrtc", "twilio": "twilio", "telnyx": "tel
 
 
 @pytest.mark.parametrize("driver", TRANSPORTS, indirect=True)
-def test_call_speech_both_ways_barge_in_and_hang_up(driver, fake):
+def test_call_speech_both_ways_barge_in_and_hang_up(driver, fake, one_utterance):
     endpoint = ENDPOINT[driver.transport]
     before = len(ends_for(fake, endpoint))
-    answered, heard, rate = driver.call("1001", seconds=4.0)
+    driver.speech = one_utterance
+    # long enough for the agent's next turn: the barge-in comes a second or two in, the agent
+    # then yields QUIET_S (1.5 s) and speaks again while the caller listens
+    answered, heard, rate = driver.call("1001", seconds=5.5)
     assert answered, driver.refusal
     assert tone_share(heard, rate) > 0.5  # the agent's own audio reached the caller
     end = poll(lambda: ends_for(fake, endpoint), lambda e: len(e) > before, 10)[-1]
