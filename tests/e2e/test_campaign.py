@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, poll, require, rtp_ports, spoken_ulaw_wav, voicemail_greeting_ulaw
+from tests.support import components_fixture, poll, ROOT, rtp_ports, spoken_ulaw_wav, voicemail_greeting_ulaw
 from tests.support.server import ServerProcess, settles_calls_of
 from tests.support.sip_trace import SipMessage
 from tests.support.sipp_uas import SippCallee, TalkingTap
@@ -42,10 +42,7 @@ RATE = 2.0  # dials per second: INVITEs at least 0.5 s apart
 calls_settle = settles_calls_of("srv")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def components():
-    for c in ("pjsua2", "sipp", "espeak-ng", "sox"):
-        require(c)
+components = components_fixture("pjsua2", "sipp", "espeak-ng", "sox")
 
 
 @pytest.fixture(scope="module")

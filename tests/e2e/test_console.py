@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, poll, require, speech_wav, stable_port
+from tests.support import components_fixture, poll, ROOT, speech_wav, stable_port
 from tests.support.server import ServerProcess
 from tests.support.sip_trace import Sipp
 
@@ -32,10 +32,7 @@ TOKEN = "console-test-ops-token"
 TARGETS = ["sip:desk@127.0.0.1", "+14155550199"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def components():
-    for c in ("chromium", "pjsua2", "espeak-ng", "sox", "sipp"):
-        require(c)
+components = components_fixture("chromium", "pjsua2", "espeak-ng", "sox", "sipp")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import poll, require, speech_wav, rtp_ports
+from tests.support import components_fixture, poll, rtp_ports, speech_wav
 from tests.support.server import ServerProcess, http_json, metric
 from tests.support.sip_trace import Sipp, parse_trace, sipp
 
@@ -18,10 +18,7 @@ SCENARIOS = Path(__file__).parent / "sipp"
 DRAIN_S = 4.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def components():
-    for c in ("pjsua2", "sipp", "espeak-ng", "sox"):
-        require(c)
+components = components_fixture("pjsua2", "sipp", "espeak-ng", "sox")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.support import free_port, poll, require, speech_wav, rtp_ports
+from tests.support import components_fixture, free_port, poll, rtp_ports, speech_wav
 from tests.support.server import (settles_calls_of, ServerProcess, call_end_of, ended, http_json, metric,
                                   no_calls)
 from tests.support.sip_trace import parse_trace, sdp_direction
@@ -28,10 +28,7 @@ SIP_CLIENT = Path(__file__).resolve().parents[1] / "support" / "sip_client.py"
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def components():
-    for c in ("pjsua2", "sipp", "espeak-ng", "sox"):
-        require(c)
+components = components_fixture("pjsua2", "sipp", "espeak-ng", "sox")
 
 
 SESSION_TIMER_TEST = "test_session_timer_refresh_keeps_the_call_and_expiry_ends_it"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, poll, require, rtp_ports, spoken_ulaw_wav, voicemail_greeting_ulaw
+from tests.support import components_fixture, poll, ROOT, rtp_ports, spoken_ulaw_wav, voicemail_greeting_ulaw
 from tests.support.server import ServerProcess
 from tests.support.sip_trace import Sipp, log_time
 from tests.support.sipp_uas import SippCallee, TalkingTap
@@ -48,10 +48,7 @@ INBOUND_PERSONA = OUTBOUND_PERSONA.replace("direction: outbound", "direction: in
     "kind: service", "kind: service\nnumbers: ['3050']")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def components():
-    for c in ("pjsua2", "sipp", "espeak-ng", "sox"):
-        require(c)
+components = components_fixture("pjsua2", "sipp", "espeak-ng", "sox")
 
 
 @pytest.fixture(scope="module")

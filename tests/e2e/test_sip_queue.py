@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.support import poll, require, speech_wav, stable_port
+from tests.support import components_fixture, poll, speech_wav, stable_port
 from tests.support.server import ServerProcess, http_json, metric
 from tests.support.sip_trace import Sipp, log_time
 
@@ -21,10 +21,7 @@ SCENARIOS = Path(__file__).parent / "sipp"
 CLIENT = Path(__file__).parents[1] / "support" / "sip_client.py"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def components():
-    for c in ("pjsua2", "sipp", "espeak-ng", "sox"):
-        require(c)
+components = components_fixture("pjsua2", "sipp", "espeak-ng", "sox")
 
 
 @pytest.fixture(scope="module")

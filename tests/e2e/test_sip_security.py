@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import poll, require, rtp_ports
+from tests.support import components_fixture, poll, rtp_ports
 from tests.support.server import (settles_calls_of, ServerProcess, call_end_of, ended, http_json, metric,
                                   wait_capacity)
 from tests.support.sip_trace import Sipp, parse_trace
@@ -22,10 +22,7 @@ SCENARIOS = Path(__file__).parent / "sipp"
 REFUSED = 'personaplex_sip_refused_requests_total{{method="{}",reason="{}"}}'
 
 
-@pytest.fixture(scope="module", autouse=True)
-def components():
-    for c in ("pjsua2", "sipp"):
-        require(c)
+components = components_fixture("pjsua2", "sipp")
 
 
 @pytest.fixture(scope="module")

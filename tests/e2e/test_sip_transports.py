@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, free_port, poll, require, speech_wav, speechlike, rtp_ports
+from tests.support import components_fixture, free_port, poll, ROOT, rtp_ports, speech_wav, speechlike
 from tests.support.server import (settles_calls_of, ServerProcess, call_end_of, ended, http_json, metric,
                                   no_calls)
 from tests.support.sip_trace import parse_trace
@@ -28,10 +28,7 @@ SIP_CLIENT = Path(__file__).resolve().parents[1] / "support" / "sip_client.py"
 RETRY_AFTER = 7
 
 
-@pytest.fixture(scope="module", autouse=True)
-def components():
-    for c in ("pjsua2", "sipp", "espeak-ng", "sox"):
-        require(c)
+components = components_fixture("pjsua2", "sipp", "espeak-ng", "sox")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.support import ROOT, poll, require, speech_wav
+from tests.support import components_fixture, poll, ROOT, speech_wav
 from tests.support.server import http_json, wait_caller_heard, wait_capacity
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -15,10 +15,7 @@ ARTIFACTS = ROOT / "artifacts"
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def components():
-    for c in ("chromium", "espeak-ng", "sox"):
-        require(c)
+components = components_fixture("chromium", "espeak-ng", "sox")
 
 
 @pytest.fixture(scope="module")

@@ -159,6 +159,18 @@ def require(component: str) -> None:
                     pytrace=False)
 
 
+def components_fixture(*components: str):
+    """A module's autouse fixture that `require`s each component before its first test:
+    `components = components_fixture("pjsua2", "sipp")` (pytest names it by the attribute)."""
+    import pytest
+
+    @pytest.fixture(scope="module", autouse=True)
+    def _components() -> None:
+        for c in components:
+            require(c)
+    return _components
+
+
 def machine_cannot(reason: str) -> None:
     """A check this machine cannot make (too slow for a timing promise, say): a visible skip
     with the reason (listed in every run's summary: `make test` passes `-rs`), never a silent pass.
