@@ -308,12 +308,18 @@ def test_api_refusals(srv, ulaw, tmp_path):
 
     # capacity: 3 slots, 2 outbound at most, 1 slot kept for inbound callers
     a, b = (SippCallee(SCENARIOS / "uas_no_answer.xml", tmp_path) for _ in range(2))
-    inbound = None
+    inbound, dialled = None, []
     try:
-        first, second = dial(srv, a.uri), dial(srv, b.uri)
+        first = dial(srv, a.uri)
+        dialled.append(first)
+        second = dial(srv, b.uri)
+        dialled.append(second)
         status, got = api(srv, "POST", "/api/calls", {"to": target, "persona": "outbound-test"})
         assert status == 503 and got["reason"] == "capacity" and "max_concurrent" in got["error"], got
         assert api(srv, "DELETE", f"/api/calls/{second}")[1]["state"] == "ended"
+        # the cancelled call's slot comes back when its session ends, a moment after the answer
+        free = poll(lambda: api(srv, "GET", "/readyz")[1], lambda r: r.get("capacity_left") == 2, 15)
+        assert free.get("capacity_left") == 2, free
         # an inbound caller takes a slot: 1 free, and it is the inbound reserve
         inbound = Sipp(srv.sip_port, SCENARIOS / "uac_until_bye.xml", "1001", tmp_path, {"@RTP_FILE@": str(ulaw)},
                        timeout=60).start()
@@ -336,6 +342,8 @@ def test_api_refusals(srv, ulaw, tmp_path):
         assert state_of(srv, mine["call_id"])["state"] == "ended"
         assert api(srv, "DELETE", f"/api/calls/{first}")[1]["state"] == "ended"
     finally:
+        for call_id in dialled:  # a failed try leaves nothing dialling for the next one
+            api(srv, "DELETE", f"/api/calls/{call_id}")
         for c in (a, b):
             c.kill()
         if inbound is not None:

@@ -68,6 +68,9 @@ def main() -> int:
     cfg.logConfig.consoleLevel = 1
     cfg.medConfig.clockRate = 16000
     cfg.medConfig.sndClockRate = 16000
+    # RTP all the time, as a trunk sends it: with pjmedia's VAD a caller who listens sends one
+    # packet per 5 s of silence, and the tests' short media timeouts would end the call
+    cfg.medConfig.noVad = True
     ep.libInit(cfg)
     ep.audDevManager().setNullDev()
     tc = pj.TransportConfig()
