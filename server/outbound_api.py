@@ -5,7 +5,8 @@
 404 (no such persona, or one that only answers), 503 {reason: capacity|draining|unavailable}.
 `GET /api/calls/{id}` -> the call: outbound ones from dial to some minutes after their end,
 inbound ones while in progress and for a while after (`RecentCalls`). `DELETE /api/calls/{id}`
--> 200 with the state once the far end has it (a second at most), 404 for an unknown id.
+-> 200 with the state once the far end has it and the call's slot is free (`DELETE_WAIT_S` at
+most), 404 for an unknown id.
 The campaign CLI (server/cli/campaign*) speaks exactly this; README "Outbound calls" documents it.
 """
 
@@ -162,7 +163,10 @@ async def delete_call(request: web.Request) -> web.Response:
             await asyncio.sleep(0.05)
         return web.json_response(session_view(sess))
     deadline = time.monotonic() + DELETE_WAIT_S
-    while call.state not in FINAL and time.monotonic() < deadline:
+    sess = call.admitted.session if call.admitted is not None else None
+    # until its session has ended too: an answer of "ended" means the call's slot is free
+    while (call.state not in FINAL or (sess is not None and sess.state is not CallState.ENDED)) \
+            and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     return web.json_response(call.view())
 

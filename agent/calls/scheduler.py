@@ -329,17 +329,19 @@ class Scheduler:
             self.engine.release(slot)
             if self.transcriber is not None:
                 self.transcriber.leave(slot)
+        counted = sess.call_id not in self._uncounted
+        self._uncounted.discard(sess.call_id)
+        if counted:  # before anyone sees ENDED: a call seen ended has given its slot back
+            with self._admit_lock:
+                self._admitted -= 1
         sess.ended_at = time.monotonic()
         sess.end_reason = reason
         sess.set_state(CallState.ENDED)
         sess.emit(Ended(reason))
         if self.vad is not None:
             self.vad.forget(sess.call_id)
-        if sess.call_id in self._uncounted:
-            self._uncounted.discard(sess.call_id)
+        if not counted:
             return
-        with self._admit_lock:
-            self._admitted -= 1
         self._account_dropped(sess)
         self._dropped_seen.pop(sess.call_id, None)
         self.ledger.ended(sess, reason)
