@@ -291,6 +291,31 @@ def test_delete_cancels_a_ringing_call(srv):
     no_calls_left(srv)
 
 
+def test_delete_before_any_provisional_frees_the_slot_and_a_crossing_200_gets_bye(srv):
+    """A callee that has said nothing (no 1xx: RFC 3261 allows no CANCEL yet) is given up at
+    once on DELETE, its slot free, not at Timer B 32 s later (pjsua ends such a call locally,
+    487); when it answers 200 anyway, the agent ACKs and hangs up with BYE, sends no CANCEL,
+    and no model ever starts for it."""
+    callee = SippCallee(SCENARIOS / "uas_silent_then_answer.xml", srv.config.parent, {"@ANSWER_MS@": "3000"},
+                        timeout=20)
+    try:
+        call_id = dial(srv, callee.uri)
+        poll(lambda: [m for m in callee.trace if not m.sent and m.method == "INVITE"], bool, 5)
+        status, got = api(srv, "DELETE", f"/api/calls/{call_id}")
+        assert status == 200 and got["state"] == "ended" and got["reason"] == "cancelled", got
+        free = api(srv, "GET", "/readyz")[1]
+        assert free.get("capacity_left") == 3, free
+        rc, trace = callee.wait()
+        assert rc == 0, trace[-3000:]
+    finally:
+        callee.kill()
+    got = [m.method or m.status for m in callee.trace if not m.sent]
+    assert "ACK" in got and "BYE" in got and "CANCEL" not in got, got
+    assert state_of(srv, call_id)["state"] == "ended"
+    assert not [ln for ln in srv.lines() if ln.get("call_id") == call_id and ln.get("event") == "call_start"]
+    no_calls_left(srv)
+
+
 def test_api_refusals(srv, ulaw, tmp_path):
     """Bad bodies, allow-lists, personas and capacity are refused before anything is dialled."""
     target = "sip:nobody@127.0.0.1:9"
