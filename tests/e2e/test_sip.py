@@ -326,7 +326,8 @@ def test_blind_transfer_to_a_person_frees_the_slot(sip_server, tmp_path):
 
 def test_registration_with_digest_auth(tmp_path, demo_dir):
     """The agent registers to a trunk (a sipp registrar that challenges it) with the password from
-    PERSONAPLEX_SIP_PASSWORD, which never appears in the logs."""
+    PERSONAPLEX_SIP_PASSWORD, which never appears in the logs, and unregisters at SIGTERM (the
+    trunk stops sending it calls at once, not when the binding expires)."""
     reg_port = free_port(socket.SOCK_DGRAM)
     scenario = (SCENARIOS / "uas_registrar.xml").read_text().replace("@USER@", "1001").replace(
         "@PASSWORD@", "s3cret-pw")
@@ -343,13 +344,27 @@ def test_registration_with_digest_auth(tmp_path, demo_dir):
     except BaseException:
         registrar.kill()
         raise
+
+    def registrar_trace():
+        return parse_trace("".join(p.read_text(errors="replace") for p in tmp_path.glob("registrar*messages.log")))
+
     try:
         srv.wait_ready()
-        assert registrar.wait(30) == 0
+        poll(registrar_trace, lambda t: [m.status for m in t if m.sent and m.status is not None][-1:] == [200], 30)
+        srv.stop()  # SIGTERM: the agent unregisters
+        try:
+            assert registrar.wait(15) == 0
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"no unregistration (REGISTER, expires 0) reached the registrar: {registrar_trace()}")
         # sipp exits 0 on its 403 branch too: what the registrar saw and said decides
-        trace = parse_trace("".join(p.read_text(errors="replace") for p in tmp_path.glob("registrar*messages.log")))
+        trace = registrar_trace()
         registers = [m for m in trace if not m.sent and m.method == "REGISTER"]
         answers = [m.status for m in trace if m.sent and m.status is not None]
+        # the third REGISTER (and any retransmission of it) removes the binding: expires 0
+        unregister, registers, answers = registers[2:], registers[:2], answers[:2]
+        assert unregister and all(re.search(r"(?im)^Expires:\s*0\s*$", m.text)
+                                  or re.search(r"(?i);\s*expires=0\b", m.header("Contact") or "")
+                                  for m in unregister), trace
         assert len(registers) == 2 and registers[0].header("Authorization") is None, trace
         auth = registers[1].header("Authorization")
         assert auth and auth.startswith("Digest "), registers[1].text
@@ -362,7 +377,7 @@ def test_registration_with_digest_auth(tmp_path, demo_dir):
         assert answers == [401, 200], answers  # challenged, then accepted (never 403)
         regs = poll(lambda: [ln for ln in srv.lines() if ln.get("event") == "sip_registration"],
                     lambda r: any(ln.get("status") == 200 for ln in r), 10)
-        assert [(ln["status"], ln["active"]) for ln in regs if ln["status"] == 200][-1] == (200, True), regs
+        assert (200, True) in [(ln["status"], ln["active"]) for ln in regs], regs
         assert "s3cret-pw" not in srv.log_path.read_text()
     finally:
         registrar.kill()
