@@ -128,6 +128,9 @@ def warnings(cfg: ServerConfig) -> list[str]:
                    "webrtc.tokens.secret_env (signed call tokens from your website)")
     if public and web.enabled and not web.limits.enabled:
         out.append("per-client limits are off on a public page (webrtc.limits.enabled)")
+    if cfg.console.enabled and cfg.ops.port and not cfg.ops.token_env:
+        out.append("the supervisor console has no sign-in: anyone who reaches the ops listener on this host can "
+                   "watch, listen to and hang up calls; set ops.token_env (or console.enabled: false)")
     if cfg.twilio.enabled and cfg.twilio.allow_unsigned:
         out.append("twilio.allow_unsigned is on: anyone who reaches /twilio/voice and /twilio/media can place "
                    "calls (loopback tests only)")

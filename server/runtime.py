@@ -214,7 +214,16 @@ class Runtime:
                                 media_timeout_s=self.cfg.media_timeout_s,
                                 catalog=Catalog(voices=lambda: available_voices(voices_dir),
                                                 sampling=self.cfg.engine.sampling),
-                                queue=self.cfg.queue, hold_audio=self._hold_audio())
+                                queue=self.cfg.queue, hold_audio=self._hold_audio(),
+                                replay_store=self._replay_store())
+
+    def _replay_store(self):
+        """One used-credential store for every transport (made once; closed at the stop)."""
+        if getattr(self, "_replay", None) is None:
+            from telephony.security.replay import make_replay_store
+
+            self._replay = make_replay_store(self.cfg.webrtc.tokens.replay_store)
+        return self._replay
 
     def _hold_audio(self):
         """The hold audio, decoded once (None without a queue); a file that cannot be read stops
@@ -399,6 +408,8 @@ class Runtime:
                 await transport.stop()
             except Exception:
                 log.exception("transport_stop_failed", transport=transport.name)
+        if getattr(self, "_replay", None) is not None:
+            self._replay.close()
         if self.registry is not None:
             self.registry.stop_watching()
         if self.context is not None:

@@ -37,6 +37,10 @@ class TransportContext:
     catalog: Catalog | None = None
     queue: Any = None  # `ServerConfig.queue` (hold callers while every slot is busy), or None
     hold_audio: Any = None  # telephony.audio.hold.HoldAudio, when the queue is on
+    # where used single-use credentials (call-token ids, Twilio stream grants) are remembered: one
+    # store for the process, Redis shared by a farm (`webrtc.tokens.replay_store`); None: this
+    # process's memory
+    replay_store: Any = None
 
 
 class Transport(Protocol):

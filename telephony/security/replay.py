@@ -1,4 +1,5 @@
-"""Where used call-token ids (`jti`) are remembered, so that a token is accepted once.
+"""Where used single-use credentials are remembered (call-token ids, `jti`, and Twilio stream
+grants), so that each is accepted once. The runtime makes one store for every transport.
 
 `claim(jti, expires_at)` is an atomic set-if-absent: True the first time, False for a replay.
 In one process a dict does (`LocalReplayStore`); a farm of agents behind one load balancer

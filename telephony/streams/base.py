@@ -315,7 +315,9 @@ class MediaStreamHandler:
                      connected: Connected | None, call: "_StreamCall") -> bool:
         """Admit the `start`: a live leg, a held stream (queue), or a refusal (False: the socket
         was closed)."""
-        problem = self.check_start(request, connected, started) if self.check_start is not None else None
+        problem = None
+        if self.check_start is not None:  # off the event loop: a shared replay store may take up to a second
+            problem = await asyncio.to_thread(self.check_start, request, connected, started)
         if problem is not None:
             refusal = self.admission.refuse(self.name, RefusalKind.UNAUTHORIZED, problem)
             await ws.close(code=WS_CLOSE[refusal.kind], message=b"unauthorized")

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import structlog
 from aiohttp import web
 
-from telephony.security.replay import LocalReplayStore
+from telephony.security.replay import LocalReplayStore, ReplayStoreUnavailable
 from telephony.security.secrets import env_secret
 from telephony.admission import Refusal, RefusalKind
 from telephony.streams.base import MediaStreamHandler, StreamSettings
@@ -48,17 +48,22 @@ def stream_settings(ctx: TransportContext) -> StreamSettings:
     return StreamSettings(media_timeout_s=ctx.media_timeout_s, can_wait=queue_on(ctx), hold_audio=ctx.hold_audio)
 
 
+#: a used grant's key in the replay store (apart from call-token ids, which share the store)
+GRANT_KEY = "twilio-grant:"
+
+
 class TwilioTransport:
     name = "twilio"
 
     def __init__(self, ctx: TransportContext):
-        self.cfg = cfg = ctx.config  # ServerConfig.twilio
+        self.cfg = ctx.config  # ServerConfig.twilio
         self.admission = admission = ctx.admission
         self.metrics = metrics = ctx.metrics
         self.can_wait = queue_on(ctx)
         self.stream = MediaStreamHandler(admission, metrics, TwilioStream, stream_settings(ctx), self.name,
                                            check_start=self.check_start, credentials=(GRANT_PARAMETER,))
-        self.grants_used = LocalReplayStore()  # a grant opens one stream (the call's own)
+        # a grant opens one stream (the call's own), on every agent of a farm that shares a store
+        self.grants_used = ctx.replay_store or LocalReplayStore()
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/twilio/voice", self.voice)
@@ -134,8 +139,12 @@ class TwilioTransport:
             return "the stream is for another Twilio account"
         now = time.time()
         problem = grant_problem(token, started.call_id, started.parameters, now)
-        if problem is None and not self.grants_used.claim(started.call_id, now + self.cfg.stream_grant_ttl_s):
-            problem = "this call's stream was already started"
+        if problem is None:
+            try:
+                if not self.grants_used.claim(GRANT_KEY + started.call_id, now + self.cfg.stream_grant_ttl_s):
+                    problem = "this call's stream was already started"
+            except ReplayStoreUnavailable:  # fail closed: a replay cannot be ruled out
+                problem = "used stream grants cannot be checked right now (the replay store did not answer)"
         if problem is not None:
             log.warning("twilio_stream_refused", reason=problem, peer=request.remote)
         return problem

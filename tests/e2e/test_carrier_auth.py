@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import subprocess
 import sys
 import time
-from html import unescape
 
 import aiohttp
 import pytest
 import yaml
 
 from tests.support import ROOT
-from tests.support.carriers import TwilioCaller, twilio_voice_params, twilio_webhook_post
+from tests.support.carriers import TwilioCaller, twilio_stream_parameters
 from tests.support.server import ServerProcess, metric, no_calls, server_env
 
 TWILIO_TOKEN = "twilio-auth-token-for-the-auth-tests"
@@ -103,10 +101,8 @@ def test_a_socket_that_never_starts_is_closed(srv, path):
 
 def webhook_stream(srv, call_sid: str) -> dict[str, str]:
     """The <Parameter>s our voice webhook answers a call with (signed by Twilio, as Twilio would)."""
-    params = twilio_voice_params(dialled=CITYSAN, call_sid=call_sid, account_sid=ACCOUNT)
-    status, body = run(twilio_webhook_post(srv.url + "/twilio/voice", params, TWILIO_TOKEN))
-    assert status == 200, body
-    return {unescape(n): unescape(v) for n, v in re.findall(r'<Parameter name="([^"]*)" value="([^"]*)"', body)}
+    return run(twilio_stream_parameters(srv.url, TWILIO_TOKEN, dialled=CITYSAN, call_sid=call_sid,
+                                        account_sid=ACCOUNT))
 
 
 def twilio(srv, call_sid: str, parameters: dict[str, str], account: str = ACCOUNT) -> TwilioCaller:

@@ -243,7 +243,7 @@ def test_config_check_reports_errors_and_warnings(tmp_path):
 
 
 # what the README's security section tells an operator to put in the environment
-DOCUMENTED_ENV = {"PERSONAPLEX_TOKEN_SECRET": "x" * 48}
+DOCUMENTED_ENV = {"PERSONAPLEX_TOKEN_SECRET": "x" * 48, "PERSONAPLEX_OPS_TOKEN": "o" * 32}
 
 
 def test_production_config_passes_strict_with_the_documented_environment():

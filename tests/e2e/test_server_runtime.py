@@ -1,4 +1,4 @@
-"""Server runtime: config validation, drain on SIGTERM, metrics, bound log fields, call records,
+"""Server runtime: the config-check CLI, drain on SIGTERM, metrics, bound log fields, call records,
 persona edits while the server runs, thread dumps on SIGUSR1."""
 
 from __future__ import annotations
@@ -12,49 +12,9 @@ import time
 import numpy as np
 import pytest
 
-from server.config import ConfigError, load_config
 from tests.support import ROOT, poll
 from tests.support.server import ServerProcess, http_json, http_text, metric
 from tests.support.webrtc_client import WebRtcCaller
-
-
-def test_shipped_configs_are_valid():
-    for name in ("demo.yaml", "production.yaml"):
-        cfg = load_config(ROOT / "configs" / name)
-        assert cfg.engine.max_calls >= 1
-
-
-def test_config_errors_name_the_field(tmp_path):
-    p = tmp_path / "bad.yaml"
-    p.write_text("engine:\n  max_calls: 0\n  context_policy: forever\nhttp:\n  prot: 80\nsip:\n  allow_from: [nonsense]\n")
-    with pytest.raises(ConfigError) as exc:
-        load_config(p)
-    msg = str(exc.value)
-    assert str(p) in msg
-    assert "engine.max_calls: Input should be greater than or equal to 1" in msg
-    assert "engine.context_policy: Input should be 'reprime', 'hangup' or 'slide'" in msg
-    assert "http.prot: unknown setting" in msg
-    assert "sip.allow_from" in msg
-    p.write_text("- not a mapping\n")
-    with pytest.raises(ConfigError, match="mapping of sections"):
-        load_config(p)
-    p.write_text("engine: [unclosed\n")
-    with pytest.raises(ConfigError, match="YAML error"):
-        load_config(p)
-
-
-def test_secrets_from_environment_and_never_shown(tmp_path, monkeypatch):
-    p = tmp_path / "c.yaml"
-    p.write_text("sip:\n  registration:\n    registrar: sip:pbx.example.com\n    realm: pbx.example.com\n"
-                 "    user: '100'\n    password: filepw\n"
-                 "model:\n  hf_token: hf_file\n")
-    monkeypatch.setenv("PERSONAPLEX_SIP_PASSWORD", "envpw-secret")
-    monkeypatch.setenv("HF_TOKEN", "hf_env_secret")
-    cfg = load_config(p)
-    assert cfg.sip.registration.password.get_secret_value() == "envpw-secret"
-    assert cfg.model.hf_token.get_secret_value() == "hf_env_secret"
-    dumped = repr(cfg) + cfg.model_dump_json()
-    assert "envpw-secret" not in dumped and "hf_env_secret" not in dumped
 
 
 def test_config_check_cli(tmp_path, capsys):

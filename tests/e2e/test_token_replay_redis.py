@@ -1,8 +1,10 @@
-"""Single-use call tokens across a farm: every agent shares one real redis-server as its store of
-used token ids (`webrtc.tokens.replay_store`, agent/security/replay_redis.py).
+"""Single-use credentials across a farm: every agent shares one real redis-server as its store of
+used call-token ids and Twilio stream grants (`webrtc.tokens.replay_store`,
+telephony/security/replay_redis.py).
 
-A token taken on one agent is refused as "reused" on another; with Redis down, token calls are
-refused ("store_unavailable", counted), never admitted unchecked; once Redis is back the agents
+A token taken on one agent is refused as "reused" on another, and a Twilio stream grant opens one
+stream in the whole farm; with Redis down, token calls and Twilio streams are refused
+("store_unavailable" counted, close 1008), never admitted unchecked; once Redis is back the agents
 take calls again by themselves. A missing redis-server fails these tests (never skips).
 """
 
@@ -20,6 +22,7 @@ from telephony.security.replay import ReplayStoreUnavailable
 from telephony.security.replay_redis import KEY_PREFIX, RedisReplayStore
 from telephony.security.tokens import mint
 from tests.support import poll
+from tests.support.carriers import TwilioCaller, twilio_stream_parameters
 from tests.support.redis_server import RedisServer
 from tests.support.server import ServerProcess, http_json, metric, no_calls
 from tests.support.webrtc_client import WebRtcCaller
@@ -27,6 +30,7 @@ from tests.support.webrtc_client import WebRtcCaller
 SECRET = "farm-token-secret-0123456789abcdef-xyz"  # 32+ bytes
 BOUND_S = 1.0  # a claim that cannot reach Redis gives up within about this long
 REFUSED = 'personaplex_calls_total{endpoint="webrtc",outcome="refused_token_store_unavailable"}'
+TWILIO_TOKEN = "twilio-auth-token-for-the-farm-tests"
 
 
 def run(coro):
@@ -155,7 +159,8 @@ def agent(tmp_path, name, demo_dir, store_url) -> ServerProcess:
         "webrtc": {"tokens": {"secret_env": "CALL_TOKEN_SECRET", "required": True, "max_ttl_s": 120,
                               "replay_store": store_url},
                    "playground": False},
-    }, env={"CALL_TOKEN_SECRET": SECRET})
+        "twilio": {"enabled": True},
+    }, env={"CALL_TOKEN_SECRET": SECRET, "TWILIO_AUTH_TOKEN": TWILIO_TOKEN})
 
 
 def offer(srv: ServerProcess, token: str, hang_up: bool = True) -> WebRtcCaller:
@@ -166,6 +171,14 @@ def offer(srv: ServerProcess, token: str, hang_up: bool = True) -> WebRtcCaller:
             await c.hangup()
         return c
     return run(go())
+
+
+def twilio_stream(srv: ServerProcess, call_sid: str, parameters: dict[str, str], seconds: float) -> TwilioCaller:
+    """A Twilio stream for `call_sid` with the webhook's `parameters` (its grant), signed upgrade."""
+    c = TwilioCaller(srv.ws_url + "/twilio/media", call_sid=call_sid, parameters=parameters,
+                     auth_token=TWILIO_TOKEN, grant=False)
+    run(c.run(seconds))
+    return c
 
 
 def test_a_token_calls_once_across_the_farm_and_redis_down_refuses_token_calls(tmp_path, demo_dir, redis_srv):
@@ -181,6 +194,13 @@ def test_a_token_calls_once_across_the_farm_and_redis_down_refuses_token_calls(t
         assert replay.status == 401 and replay.body["reason"] == "reused", replay.body
         again = offer(one, token)
         assert again.status == 401 and again.body["reason"] == "reused", again.body
+        # a Twilio call's grant: its stream on one agent, the captured stream replayed on the other
+        sid = "CA" + "1" * 32
+        grant = run(twilio_stream_parameters(one.url, TWILIO_TOKEN, call_sid=sid))
+        first = twilio_stream(one, sid, grant, 1.5)
+        assert first.close_code != 1008 and first.agent_seconds > 0.5, first.close_code
+        replayed = twilio_stream(two, sid, grant, 1.0)
+        assert replayed.close_code == 1008 and replayed.agent_seconds == 0, replayed.close_code
         assert no_calls(one) and no_calls(two)
 
         redis_srv.stop()
@@ -193,6 +213,9 @@ def test_a_token_calls_once_across_the_farm_and_redis_down_refuses_token_calls(t
             assert took < 5, took  # bounded (the claim itself: under a second)
             assert http_json(srv.ops_url + "/api/calls")[1]["calls"] == []  # never admitted
         assert [metric(srv, REFUSED) for srv in agents] == [n + 1 for n in before]
+        sid = "CA" + "2" * 32  # a fresh grant cannot be checked either: refused, not admitted unchecked
+        down = twilio_stream(two, sid, run(twilio_stream_parameters(two.url, TWILIO_TOKEN, call_sid=sid)), 1.0)
+        assert down.close_code == 1008 and down.agent_seconds == 0, down.close_code
 
         redis_srv.start()  # back on the same port: the agents take token calls again, no restart
         for srv in agents:

@@ -31,12 +31,14 @@ import base64
 import binascii
 import json
 import random
+import re
 import secrets
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from html import unescape
 from pathlib import Path
 from typing import Any
 
@@ -531,6 +533,14 @@ async def twilio_webhook_post(url: str, params: dict[str, str], auth_token: str 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
         async with http.post(url, data=params, headers=headers) as r:
             return r.status, await r.text()
+
+
+async def twilio_stream_parameters(base_url: str, auth_token: str, **voice: str) -> dict[str, str]:
+    """The <Parameter>s the agent's voice webhook answers a call with (the call's grant among
+    them), for a call of `twilio_voice_params(**voice)` posted signed, as Twilio would."""
+    status, body = await twilio_webhook_post(base_url + "/twilio/voice", twilio_voice_params(**voice), auth_token)
+    assert status == 200, body
+    return {unescape(n): unescape(v) for n, v in re.findall(r'<Parameter name="([^"]*)" value="([^"]*)"', body)}
 
 
 async def serve_locally(handler) -> tuple[Any, int]:
