@@ -7,13 +7,20 @@ thread timing): speech is 20 ms windows louder than `speech_dbfs` and than the q
 so far (the line's noise floor) by `noise_margin_db`; the first utterance runs
 from the first speech window until a pause of `pause_s`. Longer than `machine_s`: `machine` (said
 as soon as it is that long); ended shorter: `human`; no speech within `window_s`, or an utterance
-still undecided when the window closes: `unknown`. Words (the caller transcript) are not used.
+still undecided when the window closes: `unknown`.
+
+Words, when the caller transcript is on (`hear`): a phrase only recorded greetings say ("leave a
+message", "after the tone", "not available") in the callee's words decides `machine` while the
+audio has not decided yet. The transcript runs about 0.5 s behind the audio, so words help with
+a greeting whose first sentence is long and slow, not with one that pauses early (by then the
+pause has said `human`, and a verdict is final).
 """
 
 from __future__ import annotations
 
 import enum
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +47,13 @@ class AmdSettings:
 
 WINDOW_S = 0.02
 
+#: what recorded greetings say and people answering a call do not (lower case, whole words)
+GREETING_PHRASES = ("leave a message", "leave your message", "leave me a message", "after the tone",
+                    "after the beep", "at the tone", "not available", "unable to take your call",
+                    "can't take your call", "cannot take your call", "can't come to the phone",
+                    "record your message", "voice mail", "voicemail box", "reached the voicemail",
+                    "get back to you")
+
 
 class MachineDetector:
     """Fed the callee's audio (any thread, one at a time); `verdict` is None until decided."""
@@ -58,6 +72,8 @@ class MachineDetector:
         self._last_speech: float | None = None
         self.verdict: Verdict | None = None
         self.decided_at: float | None = None  # seconds of callee audio the verdict took
+        self.by_words = False  # the verdict came from a greeting's phrase
+        self._words = ""  # the callee's words so far (the last few hundred characters)
 
     def feed(self, pcm: np.ndarray) -> Verdict | None:
         """Float samples at `rate`; returns the verdict once there is one (then ignores audio)."""
@@ -72,6 +88,18 @@ class MachineDetector:
             self._window(rms > max(self._threshold, min(self._floor, self._max_floor) * self._margin))
             if self.verdict is not None:
                 break
+        return self.verdict
+
+    def hear(self, text: str) -> Verdict | None:
+        """A piece of the callee's words (its leading space marks a new word); a greeting's
+        phrase decides `machine` while undecided."""
+        if self.verdict is not None:
+            return self.verdict
+        self._words = (self._words + text.lower())[-500:]
+        said = " " + " ".join(re.sub(r"[^a-z']+", " ", self._words.replace("\u2019", "'")).split()) + " "
+        if any(f" {p} " in said for p in GREETING_PHRASES):
+            self.by_words = True
+            self._decide(Verdict.MACHINE)
         return self.verdict
 
     def _window(self, speech: bool) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pjsua2 as pj
 import structlog
 
-from agent.calls.events import EndReason, Hold, TransferFailed
+from agent.calls.events import EndReason, Hold, TransferFailed, TranscriptPiece
 from agent.calls.session import CallSession
 from telephony.admission import AdmittedCall, Refusal
 from telephony.call_queue import Ticket
@@ -54,6 +54,10 @@ class SipLeg(CallLeg):
 
     def on_live(self) -> None:
         self._with_call(lambda c: c.answer_ok())
+
+    def forward(self, ev) -> None:
+        if isinstance(ev, TranscriptPiece) and ev.who == "caller":  # a callee's words: the machine detector
+            self._with_call(lambda c: c.dial.callee_words(ev.text) if c.dial is not None else None)
 
     def flush_far_end(self) -> None:
         def flush(c) -> None:

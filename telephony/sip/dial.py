@@ -41,6 +41,12 @@ class OutboundDial:
         if self.detector.verdict is None and self.detector.feed(pcm) is not None:
             self.outbound.amd(self.call_id, self.detector.verdict.value)
 
+    def callee_words(self, text: str) -> None:
+        """The callee's words (the caller transcript, SIP thread): the machine detector hears
+        them too, once it has started on the audio."""
+        if self.detector is not None and self.detector.verdict is None and self.detector.hear(text) is not None:
+            self.outbound.amd(self.call_id, self.detector.verdict.value)
+
     def on_state(self, call: "SipCall", ci) -> None:
         state = ci.state
         report = self.outbound.report

@@ -109,3 +109,28 @@ def test_line_noise_above_the_speech_level_is_the_floor_not_a_greeting():
     word = np.concatenate([_silence(0.4), _tone(0.6), _silence(2.5)])
     noisy = word + rng.normal(0, 10 ** (-32 / 20), len(word)).astype(np.float32)
     assert _fed(MachineDetector(16000), noisy) is Verdict.HUMAN
+
+
+def test_a_greetings_words_decide_machine_while_the_audio_has_not():
+    det = MachineDetector(16000)
+    det.feed(np.concatenate([_silence(0.3), _tone(1.2)]))  # talking, not long enough to say machine
+    assert det.verdict is None
+    for piece in (" Hi", ",", " you", "'ve", " reached", " Mark", ".", " Please", " leave", " a", " mess", "age"):
+        det.hear(piece)
+    assert det.verdict is Verdict.MACHINE and det.by_words
+    assert det.decided_at == pytest.approx(1.5, abs=0.05)  # on the audio's clock
+
+
+@pytest.mark.parametrize("words", [" Hello?", " Yes, who is this?", " Hi, I'm not sure, leave it", " Tone? What tone",
+                                   " I can't take a message"])
+def test_a_persons_words_decide_nothing(words):
+    det = MachineDetector(16000)
+    det.feed(_tone(0.5))
+    assert det.hear(words) is None and not det.by_words
+    assert _fed(det, _silence(1.0)) is Verdict.HUMAN  # the pause does
+
+
+def test_words_after_the_verdict_change_nothing():
+    det = MachineDetector(16000)
+    assert _fed(det, np.concatenate([_tone(0.6), _silence(1.0)])) is Verdict.HUMAN
+    assert det.hear(" please leave a message after the tone") is Verdict.HUMAN and not det.by_words
