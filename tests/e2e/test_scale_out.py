@@ -16,7 +16,6 @@ import socket
 import subprocess
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ import pytest
 from tests.support import ROOT, free_port, poll, require, rtp_ports, speech_wav, stable_port
 from tests.support.farm import Daemon, Kamailio
 from tests.support.server import ServerProcess, http_json, http_text
-from tests.support.sip_trace import Sipp
+from tests.support.sip_trace import Sipp, sip_options
 
 KAMAILIO_CFG = ROOT / "deploy" / "kamailio" / "kamailio.cfg"
 HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
@@ -177,20 +176,7 @@ def expect_refusal(kam, tmp, code: str, header_re: str) -> tuple[int, str]:
 
 def options(agent: Agent) -> str:
     """The status line an agent answers an out-of-dialog OPTIONS with (as the proxy's probe)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.settimeout(3)
-    s.bind(("127.0.0.1", 0))
-    port, cid = s.getsockname()[1], uuid.uuid4().hex
-    msg = (f"OPTIONS {agent.sip_uri} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK{cid[:16]}\r\n"
-           f"From: <sip:probe@127.0.0.1:{port}>;tag={cid[:8]}\r\nTo: <{agent.sip_uri}>\r\nCall-ID: {cid}\r\n"
-           "CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n")
-    try:
-        s.sendto(msg.encode(), ("127.0.0.1", agent.sip_port))
-        return s.recvfrom(65535)[0].decode(errors="replace").split("\r\n")[0]
-    except OSError:
-        return ""
-    finally:
-        s.close()
+    return sip_options(agent.sip_port, agent.sip_uri)
 
 
 def sip_ends(farm: Farm) -> list[list[dict]]:

@@ -15,7 +15,7 @@ import pytest
 
 from tests.support import components_fixture, poll, speech_wav, stable_port
 from tests.support.server import ServerProcess, http_json, metric
-from tests.support.sip_trace import Sipp, log_time
+from tests.support.sip_trace import Sipp, log_time, sip_options
 
 SCENARIOS = Path(__file__).parent / "sipp"
 CLIENT = Path(__file__).parents[1] / "support" / "sip_client.py"
@@ -82,9 +82,11 @@ def test_third_and_fourth_callers_wait_on_hold_and_are_answered_in_order_fifth_i
         b.start()
         poll(lambda: http_json(srv.ops_url + "/api/calls")[1]["calls"],
              lambda calls: len(calls) == 2 and all(x["state"] == "live" for x in calls), 30)
-        # both slots busy, queue empty: still ready (a caller would wait)
+        # both slots busy, queue empty: still ready (a caller would wait), and so says the proxy's probe
         status, ready = http_json(srv.ops_url + "/readyz")
         assert status == 200 and ready["capacity_left"] == 0, ready
+        probe_uri = f"sip:agent@127.0.0.1:{srv.sip_port}"
+        assert sip_options(srv.sip_port, probe_uri) == "SIP/2.0 200 OK"
         c.start()
         assert poll(lambda: _queue_depth(srv), lambda d: d == 1, 10) == 1
         out = tmp_path / "phone.wav"
@@ -95,6 +97,7 @@ def test_third_and_fourth_callers_wait_on_hold_and_are_answered_in_order_fifth_i
         # slots and queue full: not ready, and a fifth caller is refused busy with Retry-After
         status, ready = http_json(srv.ops_url + "/readyz")
         assert status == 503 and ready["queue_waiting"] == 2, ready
+        assert sip_options(srv.sip_port, probe_uri) == "SIP/2.0 503 Full"
         e = Sipp(srv.sip_port, SCENARIOS / "uac_expect.xml", "1005", tmp_path,
                  {"@CODE@": "486", "@HEADER@": "Retry-After", "@HEADER_RE@": "Retry-After: *7"}, timeout=15)
         rc, msgs = e.start().wait()

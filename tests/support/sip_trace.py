@@ -189,3 +189,22 @@ def sipp(port: int, scenario: Path, service: str, tmp: Path, replace: dict | Non
          extra: list[str] | None = None) -> tuple[int, str]:
     """One call of `scenario` to `service`@127.0.0.1:`port`: (sipp's exit status, message trace)."""
     return Sipp(port, scenario, service, tmp, replace, timeout, extra).start().wait()
+
+
+def sip_options(port: int, uri: str) -> str:
+    """The status line the SIP server on 127.0.0.1:`port` answers an out-of-dialog OPTIONS for
+    `uri` with, as a proxy's health probe sends it ("" when nothing answers within 3 s)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(3)
+    s.bind(("127.0.0.1", 0))
+    here, cid = s.getsockname()[1], uuid.uuid4().hex
+    msg = (f"OPTIONS {uri} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{here};branch=z9hG4bK{cid[:16]}\r\n"
+           f"From: <sip:probe@127.0.0.1:{here}>;tag={cid[:8]}\r\nTo: <{uri}>\r\nCall-ID: {cid}\r\n"
+           "CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n")
+    try:
+        s.sendto(msg.encode(), ("127.0.0.1", port))
+        return s.recvfrom(65535)[0].decode(errors="replace").split("\r\n")[0]
+    except OSError:
+        return ""
+    finally:
+        s.close()
