@@ -39,8 +39,8 @@ class Metrics:
                                             registry=r)
         self.caller_audio_lost = Counter("personaplex_caller_audio_lost_seconds_total",
                                          "Caller audio a transport should have delivered to the call and did not, "
-                                         "by endpoint and kind (network loss, bridge overrun, late or reordered "
-                                         "frames given up, frames after stop)", ["endpoint", "kind"], registry=r)
+                                         "by endpoint and kind (network loss, jitter buffer, bridge overrun, "
+                                         "late or reordered frames given up)", ["endpoint", "kind"], registry=r)
         self.playout_underruns = Counter("personaplex_playout_underruns_total",
                                          "Endpoint playout ticks with no agent audio ready, by cause "
                                          "(late: the engine was late; barge_in: a barge-in flushed it)",

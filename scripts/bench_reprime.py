@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from scripts.bench_common import random_7b, sync, synthetic_schedule, tiny_model  # noqa: E402
+from scripts.bench_common import random_7b, sync, synthetic_schedule  # noqa: E402
 
 TICK_S = 0.080
 MARGIN_S = 0.004

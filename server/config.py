@@ -79,7 +79,7 @@ class EngineConfig(_Strict):
     # 240 s context is full); null: no limit
     max_call_seconds: float | None = Field(3600.0, gt=0)
     # reprime: before the context is full, the call's model state is rebuilt from its prompt and
-    # its latest `reprime_keep_s` of conversation (agent/reprime.py); hangup: ends the call at the
+    # its latest `reprime_keep_s` of conversation (agent/calls/reprime.py); hangup: ends the call at the
     # context; slide: goes on, the prompt falling out of what the model sees
     context_policy: Literal["reprime", "hangup", "slide"] = "reprime"
     # conversation a re-prime keeps; null: what leaves a third of the context free (checked

@@ -32,8 +32,8 @@ class TransportContext:
     admission: Admission
     metrics: Metrics
     config: Any  # the transport's own config section (e.g. `ServerConfig.sip`)
+    media_timeout_s: float  # no caller media this long ends a call (`ServerConfig.media_timeout_s`)
     trusted_proxies: tuple[str, ...] = ()  # HTTP proxies whose X-Forwarded-For entries count
-    media_timeout_s: float = 5.0  # no caller media this long ends a call (`ServerConfig.media_timeout_s`)
     catalog: Catalog | None = None
     queue: Any = None  # `ServerConfig.queue` (hold callers while every slot is busy), or None
     hold_audio: Any = None  # telephony.audio.hold.HoldAudio, when the queue is on

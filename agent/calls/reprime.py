@@ -17,8 +17,8 @@ frame) for the last `context` frames, int16: 3000 x 17 x 2 B = 100 KiB per call 
 
 When (`ReprimeConfig`): a rebuild starts `lead` frames before its deadline (the context less
 `guard` frames), and swaps in at the first quiet moment once caught up (the agent's text stream
-padding, the caller silent), or at the deadline. One rebuild runs at a time (one extra row of KV
-cache on the device), the most urgent call first. A call that reaches the context limit with no
+padding, the caller silent), or at the deadline. Up to `reprime_parallel` rebuilds run at once
+(each an extra row of KV cache on the device), the most urgent calls first. A call that reaches the context limit with no
 rebuild swapped in slides meanwhile (warned, counted, never hung up); its rebuild carries on, or
 starts over, and swaps in as soon as it has caught up.
 """

@@ -33,7 +33,7 @@ import structlog
 from agent.barge_in.detector import BargeInConfig
 from agent.calls.commands import run_pending
 from agent.model.engine import Engine, SlotOutput
-from agent.errors import AgentError, CallRefused  # noqa: F401  (CallRefused raised here; importers may name it here)
+from agent.errors import CallRefused  # noqa: F401  (CallRefused raised here; importers may name it here)
 from agent.calls.events import BargeInSuppressed, CallState, Ended, EndReason, Reprime
 from agent.model.generator import Phase
 from agent.calls.ledger import Ledger

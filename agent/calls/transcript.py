@@ -19,7 +19,7 @@ not kept. A transcriber that wants its last words kept delivers them before the 
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 Who = Literal["agent", "caller"]

@@ -132,7 +132,7 @@ class WebhookQueue:
         if limit <= 0:
             return []
         skip = ",".join("?" * len(exclude))
-        where = f"dead = 0 AND next_at <= ?" + (f" AND id NOT IN ({skip})" if exclude else "")
+        where = "dead = 0 AND next_at <= ?" + (f" AND id NOT IN ({skip})" if exclude else "")
         with self._lock:
             rows = self._db.execute(f"SELECT id, key, event, body, created, attempts FROM events WHERE {where} "
                                     "ORDER BY next_at, id LIMIT ?", (now, *exclude, limit)).fetchall()

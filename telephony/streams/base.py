@@ -37,7 +37,6 @@ from aiohttp import WSMsgType, web
 
 from agent.calls.events import EndReason
 from agent.metrics import Metrics
-from agent.calls.session import CallSession
 from telephony.admission import AdmittedCall, WS_CLOSE, Admission, CallRequest, Refusal, RefusalKind
 from telephony.audio.hold import HoldAudio
 from telephony.audio.pacer import Pacer
@@ -64,7 +63,7 @@ StartCheck = Callable[[web.Request, Connected | None, Started], str | None]
 
 @dataclass(frozen=True)
 class StreamSettings:
-    media_timeout_s: float = 5.0  # no caller media for this long ends the call (`media_timeout`)
+    media_timeout_s: float  # no caller media for this long ends the call (`ServerConfig.media_timeout_s`)
     can_wait: bool = False  # the call queue is on: a busy agent holds the stream instead of refusing it
     hold_audio: HoldAudio | None = None  # what a held caller hears (the built-in chime when None)
 

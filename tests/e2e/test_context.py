@@ -227,8 +227,8 @@ def test_browser_context_is_untrusted_unless_configured(tmp_path, demo_dir):
     srv = ServerProcess(tmp_path, demo_dir.parent, {"engine": {"max_calls": 1},
                                                      "recording": {"enabled": True, "dir": str(tmp_path / "rec")}})
     (tmp_path / "personas" / "omar.yaml").write_text(OMAR)
-    srv.wait_ready()
     try:
+        srv.wait_ready()
         async def call():
             c = WebRtcCaller(srv.url, "2040", extra={"context": {"customer_name": "Mallory"}})
             assert await c.call() == 200

@@ -19,7 +19,7 @@ import pytest
 
 from tests.support import machine_cannot, poll, require, rtp_ports
 from tests.support.models import small_context_dir
-from tests.support.server import ServerProcess, call_end_of, ended, metric
+from tests.support.server import ServerProcess, ended, metric
 from tests.support.sip_trace import Sipp
 
 SCENARIOS = Path(__file__).parent / "sipp"

@@ -137,8 +137,8 @@ def test_per_client_limits(tmp_path, demo_dir):
         "http": {"trusted_proxies": []},
         "webrtc": {"limits": {"enabled": True, "concurrent_calls": 2, "attempts_per_minute": 5}},
     })
-    srv.wait_ready()
     try:
+        srv.wait_ready()
         async def scenario():
             up = [WebRtcCaller(srv.url, "citysan") for _ in range(2)]
             for c in up:
@@ -184,8 +184,8 @@ def test_oversized_offers_and_a_flooding_page_are_bounded(tmp_path, demo_dir):
     srv = ServerProcess(tmp_path, demo_dir.parent, {
         "engine": {"max_calls": 2},
         "webrtc": {"limits": {"enabled": True, "attempts_per_minute": 50, "channel_max_per_s": 20}}})
-    srv.wait_ready()
     try:
+        srv.wait_ready()
         async def big():
             async with aiohttp.ClientSession() as http:
                 async with http.post(srv.url + "/api/call", data=b'{"sdp": "' + b"a" * (70 * 1024) + b'"}',
@@ -419,8 +419,8 @@ def test_a_proxied_or_cross_site_playground_request_is_not_local(proxied):
 
 def test_playground_behind_an_untrusted_local_proxy_needs_the_token(tmp_path, demo_dir):
     srv = ServerProcess(tmp_path, demo_dir.parent, {"webrtc": {"playground": True}})
-    srv.wait_ready()
     try:
+        srv.wait_ready()
         assert get(srv.url + "/api/playground")[0] == 200
         for h in ({"X-Forwarded-For": "203.0.113.9"}, {"Forwarded": "for=203.0.113.9"}, {"X-Real-IP": "1.2.3.4"}):
             assert get(srv.url + "/api/playground", h)[0] in (401, 403), h

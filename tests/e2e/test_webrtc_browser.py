@@ -118,8 +118,8 @@ def test_playground_drafts_calls_and_saves_a_persona(tmp_path, demo_dir, browser
 
     srv = ServerProcess(tmp_path, demo_dir.parent, {"engine": {"max_calls": 1},
                                                      "recording": {"enabled": True, "dir": str(tmp_path / "rec")}})
-    srv.wait_ready()
     try:
+        srv.wait_ready()
         ctx = browser.new_context(accept_downloads=True)
         page = ctx.new_page()
         page.goto(srv.url + "/")

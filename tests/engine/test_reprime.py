@@ -5,9 +5,11 @@ On a demo model whose context is 160 frames (so a call crosses it within seconds
   prompt phase stepped, then the kept conversation columns one per forward): greedy tokens equal
   and logits within float tolerance for the next frames, at every crossing; a neighbour's
   output is untouched;
-- a live call through the real-time scheduler crosses the context three times with four other
-  calls up, stays up to the caller's hang-up, its recorded caller channel whole and in order;
-- offline, a long wav gives an output of its length, the same twice with greedy decoding.
+- five calls through the scheduler (unpaced) cross the context with the others up, the
+  consumed caller frames whole and in order (the real-time crossing over SIP, two calls on this
+  2-core machine, is tests/e2e/test_long_calls.py);
+- offline, a long wav (16 s, several crossings of the 160-frame context) gives an output of its
+  length, the same twice with greedy decoding.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from agent.calls.events import CallState, EndReason
 from agent.model.generator import Phase
 from agent.calls.reprime import ColumnRing, Rebuild, ReprimeConfig, ReprimeConfigError, ReprimeLane
 from agent.model.sampling import SamplingParams
-from agent.timebase import FRAME, FRAME_S
+from agent.timebase import FRAME
 from tests.support.models import small_context_dir
 
 GREEDY = SamplingParams(greedy=True)

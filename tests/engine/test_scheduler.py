@@ -3,7 +3,6 @@ isolation, long calls, context policy."""
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from pathlib import Path
