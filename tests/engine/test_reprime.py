@@ -188,7 +188,7 @@ def test_offline_long_input_keeps_its_length_and_repeats_with_greedy(small_model
     """A wav several contexts long through the offline path (`offline --context-policy reprime`,
     the default): an output of the input's length, re-primed at every crossing, the same tokens
     twice with greedy decoding. (The 10-minute run through the demo model's full context is a
-    benchmark figure in the README; it takes minutes on this machine.)"""
+    figure in README "Calls of any length": 2 minutes a run on this machine.)"""
     from agent.offline.evaluate import run_offline
 
     seconds = 16.0
