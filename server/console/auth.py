@@ -19,6 +19,8 @@ from typing import Awaitable, Callable
 import structlog
 from aiohttp import web
 
+from server.console.static_page import login_page
+
 log = structlog.get_logger(__name__)
 
 COOKIE = "console_session"
@@ -86,8 +88,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def unauthorized(request: web.Request) -> web.Response:
     if request.path.startswith("/console/api/"):
         return web.json_response({"error": "unauthorized", "reason": "sign in to the console first"}, status=401)
-    from server.console.pages import login_page
-
     return login_page(status=401)
 
 
@@ -108,8 +108,6 @@ def signed_in(handler: Handler) -> Handler:
 
 async def login(request: web.Request) -> web.StreamResponse:
     """POST /console/login (form: name, token)"""
-    from server.console.pages import login_page
-
     form = await request.post()
     who = str(form.get("name", "")).strip()[:MAX_NAME] or "supervisor"
     if not token_ok(request.app["runtime"], str(form.get("token", ""))):

@@ -4,22 +4,10 @@ the CSRF token goes into a meta tag the script reads for its POSTs."""
 
 from __future__ import annotations
 
-import html
-from pathlib import Path
-
 from aiohttp import web
 
 from server.console.auth import signed_in
-
-STATIC = Path(__file__).with_name("static")
-HEADERS = {"Cache-Control": "no-store", "X-Frame-Options": "DENY",
-           "Content-Security-Policy": "default-src 'self'; media-src 'self' blob:; img-src 'self' data:; "
-                                      "frame-ancestors 'none'"}
-
-
-def login_page(status: int = 200, error: str = "") -> web.Response:
-    text = (STATIC / "login.html").read_text().replace("{{error}}", html.escape(error))
-    return web.Response(text=text, content_type="text/html", status=status, headers=HEADERS)
+from server.console.static_page import STATIC, html_page, login_page
 
 
 async def login_form(request: web.Request) -> web.Response:
@@ -29,9 +17,7 @@ async def login_form(request: web.Request) -> web.Response:
 @signed_in
 async def console(request: web.Request) -> web.Response:
     s = request["console_session"]
-    text = (STATIC / "console.html").read_text().replace("{{csrf}}", html.escape(s.csrf)) \
-        .replace("{{who}}", html.escape(s.who))
-    return web.Response(text=text, content_type="text/html", headers=HEADERS)
+    return html_page("console.html", csrf=s.csrf, who=s.who)
 
 
 async def to_console(request: web.Request) -> web.Response:

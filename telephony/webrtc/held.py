@@ -161,14 +161,11 @@ class HeldCaller:
             await asyncio.sleep(POLL_S)
 
     def _answered(self, admitted: AdmittedCall) -> None:
-        from telephony.webrtc.transport import WebRtcLeg
-
         owner = self.owner
         owner.held.discard(self)
-        leg = WebRtcLeg(owner, self.pc, admitted, self.client, self.reservation, track=self.track)
+        leg = owner.new_leg(self.pc, admitted, self.client, self.reservation, track=self.track)
         self.reservation = None  # the leg gives it back when the call ends
         self.leg = leg
-        owner.calls.add(leg)
         leg.adopt(self.channel)
         leg.session.log.info("call_dequeued", queue_wait_s=leg.session.queue_wait_s)
         leg.start()

@@ -32,6 +32,7 @@ from telephony.webrtc.playground import Playground
 from telephony.webrtc.protocol import send, PageDtmf, PageHangup, decode_page_message, encode_event, hello
 from telephony.transport import TransportContext
 from telephony.webrtc.tracks import PACKET, RATE, AgentAudioTrack
+from telephony.webrtc.held import HeldCaller
 
 log = structlog.get_logger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -370,9 +371,8 @@ class WebRtcTransport:
         if isinstance(admitted, Ticket):
             return await self._hold(pc, offer, admitted, client, reservation)
         session = admitted.session
-        leg = WebRtcLeg(self, pc, admitted, client, reservation[0])
+        leg = self.new_leg(pc, admitted, client, reservation[0])
         reservation[0] = None  # the leg gives it back when the call ends
-        self.calls.add(leg)
         leg.start()  # its prompt into the model while the offer is negotiated
         clean = drop_mdns_candidates(offer.sdp)
         if clean.mdns_dropped:
@@ -389,13 +389,20 @@ class WebRtcTransport:
         return web.json_response({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type,
                                   "call_id": session.call_id, "persona": session.persona.id})
 
+    def new_leg(self, pc: RTCPeerConnection, admitted: AdmittedCall, client: str, reservation: str | None,
+                track=None) -> "WebRtcLeg":
+        """The leg of an admitted call, one of this transport's calls from now on (it gives the
+        client's `reservation` back when the call ends); a caller answered off the queue brings
+        the track it was held on."""
+        leg = WebRtcLeg(self, pc, admitted, client, reservation, track=track)
+        self.calls.add(leg)
+        return leg
+
     async def _hold(self, pc: RTCPeerConnection, offer: RTCSessionDescription, ticket: Ticket, client: str,
                     reservation: list[str | None]) -> web.Response:
         """Every slot busy, the queue has room: answer the offer now, hold audio on the outbound
         track and the caller's place on the data channel until the slot comes
         (`telephony.webrtc.held`)."""
-        from telephony.webrtc.held import HeldCaller
-
         held = HeldCaller(self, pc, ticket, client, reservation[0], self.hold_audio)
         reservation[0] = None  # the held caller (then its leg) gives it back
         self.held.add(held)
