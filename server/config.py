@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from agent.barge_in.detector import BargeInConfig
 from agent.errors import AgentError
 from agent.model.sampling_params import SamplingParams
+from agent.personas.safe_yaml import UniqueKeyLoader
 
 if TYPE_CHECKING:  # the scheduler imports torch: config checks and unit tests load no model
     from agent.calls.scheduler import SchedulerConfig
@@ -482,29 +483,10 @@ def _fmt_errors(path: Path, exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML keeps the last of two equal keys without a word: a section written twice (a
-    second `transcript:` further down) would silently drop the first one's settings."""
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen: dict = {}
-            for key_node, _ in node.value:
-                try:
-                    key = self.construct_object(key_node, deep=True)
-                    first = seen.setdefault(key, key_node.start_mark.line + 1)
-                except TypeError:  # an unhashable key: construct_mapping says so itself
-                    continue
-                if first != key_node.start_mark.line + 1:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"{key!r} appears twice (first on line {first})", key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
-
-
 def load_config(path: str | Path, base_dir: Path | None = None) -> ServerConfig:
     p = Path(path)
     try:
-        raw = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}
+        raw = yaml.load(p.read_text(), Loader=UniqueKeyLoader) or {}
     except OSError as exc:
         raise ConfigError(f"cannot read config {p}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:

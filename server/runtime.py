@@ -120,6 +120,7 @@ class Runtime:
         self._reload_errors_seen = 0
         # called once the call path is warm, before the transports listen (extensions, test doubles)
         self.on_warm: list = []
+        self._replay = None  # telephony.security.replay store: made with the first transport's context
 
     # -- set-up ------------------------------------------------------------------------------------
     def load_model(self) -> LoadedModel:
@@ -219,7 +220,7 @@ class Runtime:
 
     def _replay_store(self):
         """One used-credential store for every transport (made once; closed at the stop)."""
-        if getattr(self, "_replay", None) is None:
+        if self._replay is None:
             from telephony.security.replay import make_replay_store
 
             self._replay = make_replay_store(self.cfg.webrtc.tokens.replay_store)
@@ -408,7 +409,7 @@ class Runtime:
                 await transport.stop()
             except Exception:
                 log.exception("transport_stop_failed", transport=transport.name)
-        if getattr(self, "_replay", None) is not None:
+        if self._replay is not None:
             self._replay.close()
         if self.registry is not None:
             self.registry.stop_watching()

@@ -10,13 +10,14 @@ them all in one loop; HTTP transports add their routes before the public app sta
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from aiohttp import web
 
 from agent.metrics import Metrics
 from telephony.admission import Admission
+from telephony.security.replay import LocalReplayStore, ReplayStore
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,8 @@ class TransportContext:
     queue: Any = None  # `ServerConfig.queue` (hold callers while every slot is busy), or None
     hold_audio: Any = None  # telephony.audio.hold.HoldAudio, when the queue is on
     # where used single-use credentials (call-token ids, Twilio stream grants) are remembered: one
-    # store for the process, Redis shared by a farm (`webrtc.tokens.replay_store`); None: this
-    # process's memory
-    replay_store: Any = None
+    # store for the process (the runtime's), Redis shared by a farm (`webrtc.tokens.replay_store`)
+    replay_store: ReplayStore = field(default_factory=LocalReplayStore)
 
 
 class Transport(Protocol):

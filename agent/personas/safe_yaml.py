@@ -1,8 +1,9 @@
 """YAML loading for files written by people, read by a long-running server.
 
 Only plain data is accepted: safe constructors, no anchors/aliases (no "billion laughs"), bounded
-size, depth and node count, text only. Every value keeps its line number so validation errors
-can point at it.
+size, depth and node count, text only, no key written twice at any depth. Every value keeps its
+line number so validation errors can point at it. The server's config file is read with the same
+`UniqueKeyLoader`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,25 @@ class Located:
     key_lines: dict[str, int] | None = None
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys without a word: a section or field written twice
+    (a second `transcript:` further down) would silently drop the first one's settings."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                try:
+                    key = self.construct_object(key_node, deep=True)
+                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:  # an unhashable key: construct_mapping says so itself
+                    continue
+                if first != key_node.start_mark.line + 1:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key!r} appears twice (first on line {first})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _check_events(text: str) -> None:
     count = 0
     depth = 0
@@ -58,7 +78,7 @@ def _check_events(text: str) -> None:
 
 
 def _to_python(node: yaml.Node) -> Any:
-    constructor = yaml.SafeLoader("")
+    constructor = UniqueKeyLoader("")
     return constructor.construct_object(node, deep=True)
 
 

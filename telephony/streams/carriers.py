@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import structlog
 from aiohttp import web
 
-from telephony.security.replay import LocalReplayStore, ReplayStoreUnavailable
+from telephony.security.replay import ReplayStoreUnavailable
 from telephony.security.secrets import env_secret
 from telephony.admission import Refusal, RefusalKind
 from telephony.streams.base import MediaStreamHandler, StreamSettings
@@ -63,7 +63,7 @@ class TwilioTransport:
         self.stream = MediaStreamHandler(admission, metrics, TwilioStream, stream_settings(ctx), self.name,
                                            check_start=self.check_start, credentials=(GRANT_PARAMETER,))
         # a grant opens one stream (the call's own), on every agent of a farm that shares a store
-        self.grants_used = ctx.replay_store or LocalReplayStore()
+        self.grants_used = ctx.replay_store
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/twilio/voice", self.voice)

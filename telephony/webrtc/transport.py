@@ -20,7 +20,6 @@ from aiortc.mediastreams import MediaStreamError
 
 from agent.calls.events import CallEvent, EndReason
 from telephony.security.limits import ClientLimits, Limited, MessageLimiter, client_address, parse_networks
-from telephony.security.replay import LocalReplayStore
 from telephony.security.tokens import CALLER_MESSAGES, CallGrant, TokenRejected, TokenVerifier
 from telephony.security.secrets import env_secret
 from telephony.admission import HTTP_STATUS, AdmittedCall, CallRequest, Refusal, RefusalKind
@@ -247,7 +246,7 @@ class WebRtcTransport:
         if cfg.tokens.required and not secret:  # the server's start check says so first
             raise ValueError(f"webrtc.tokens.required is on but {cfg.tokens.secret_env or 'secret_env'} is not set")
         self.tokens = TokenVerifier(secret, cfg.tokens.max_ttl_s, audience=cfg.tokens.audience,
-                                    store=ctx.replay_store or LocalReplayStore()) if secret else None
+                                    store=ctx.replay_store) if secret else None
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/api/call", self.offer)

@@ -149,6 +149,7 @@ def test_other_field_errors(tmp_path):
     (b"\xff\xfe\xfa not utf8", "not UTF-8"),
     (b"- just\n- a list\n", "must be a mapping"),
     (b"kind: assistant\nkind: casual\n", "appears twice"),
+    (b"kind: assistant\nvariables:\n  name: a\n  name: b\n", "'name' appears twice (first on line 3)"),
     (b"role: [unclosed\n", "YAML syntax error"),
     (b"!!python/object/apply:os.system ['echo pwned']\n", "YAML"),
     (b"a: !!python/name:os.system\n", "YAML"),
