@@ -5,23 +5,48 @@
 # full pjproject as its `Xpjproject` component; we fetch it with a private apt configuration
 # (the system's sources are left alone), build it once (~4 min on 2 cores) and cache the result,
 # keyed by pjproject version, so later runs only copy two files.
+#
+# It also builds the SIP call port (telephony/sip/native/call_port.c) against the same pjproject:
+# the headers and compile flags are kept in the cache beside the module, so a change to the port
+# rebuilds only the port (a second), keyed by the hash of its source.
 set -euo pipefail
-VENV=${1:-"$(cd "$(dirname "$0")/.." && pwd)/.venv"}
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+VENV=${1:-"$ROOT/.venv"}
 PY="$VENV/bin/python"
+PORT_SRC="$ROOT/telephony/sip/native/call_port.c"
+PORT_HASH=$(sha256sum "$PORT_SRC" | cut -c1-16)
 CACHE=${PERSONAPLEX_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/personaplex-agent}/pjsua2
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 log() { echo "[pjsua2] $*" >&2; }
 die() { echo "[pjsua2] ERROR: $*" >&2; exit 1; }
 
-if "$PY" -c 'import pjsua2' 2>/dev/null; then exit 0; fi
+SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')
+PORT_SO="$SITE/personaplex_call_port.so"  # where telephony/sip/port.py looks for it
+port_current() { [ -f "$PORT_SO" ] && [ "$(cat "$SITE/personaplex_call_port.hash" 2>/dev/null)" = "$PORT_HASH" ]; }
+# build_port DIR: compile the call port with the headers and flags kept in DIR (a cache entry)
+build_port() {
+  local dir=$1
+  [ -f "$dir/cflags" ] || return 1
+  # shellcheck disable=SC2046
+  gcc -shared -fPIC -O2 -Wall -Werror $(sed "s|@INC@|$dir/include|g" "$dir/cflags") \
+    -o "$PORT_SO.tmp" "$PORT_SRC" -lm -lpthread || die "the SIP call port does not compile"
+  mv "$PORT_SO.tmp" "$PORT_SO"
+  echo "$PORT_HASH" > "$SITE/personaplex_call_port.hash"
+  log "SIP call port built ($PORT_HASH)"
+}
+
+if "$PY" -c 'import pjsua2' 2>/dev/null && port_current; then exit 0; fi
 PYTAG=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
 
-# 1. Already built for this Python? Copy from the cache.
+# 1. Already built for this Python? Copy from the cache (and build the port from its headers).
 installed=$(ls -d "$CACHE"/*/"$PYTAG" 2>/dev/null | sort -V | tail -n 1 || true)
-SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')
-if [ -n "$installed" ] && [ -f "$installed/pjsua2.py" ]; then
+if [ -n "$installed" ] && [ -f "$installed/pjsua2.py" ] && [ -f "$installed/../cflags" ]; then
   cp "$installed"/pjsua2.py "$installed"/_pjsua2*.so "$SITE"/
-  "$PY" -c 'import pjsua2' && { log "installed from cache $installed"; exit 0; }
+  if "$PY" -c 'import pjsua2'; then
+    port_current || build_port "$(dirname "$installed")"
+    log "installed from cache $installed"
+    exit 0
+  fi
 fi
 
 # 2. Build dependencies (Debian packages).
@@ -90,6 +115,13 @@ OUT="$CACHE/$VERSION/$PYTAG"
 mkdir -p "$OUT"
 cp "$SO" pjsua2.py "$OUT"/
 cp "$OUT"/pjsua2.py "$OUT"/_pjsua2*.so "$SITE"/
+# headers and flags for the call port (pjproject's own APP_CFLAGS, pointed at the cached headers)
+rm -rf "$CACHE/$VERSION/include"
+mkdir -p "$CACHE/$VERSION/include"
+for lib in pjlib pjlib-util pjnath pjmedia pjsip; do cp -r "$SRC/$lib/include" "$CACHE/$VERSION/include/$lib"; done
+printf 'include build.mak\nprint-cflags:\n\t@echo $(APP_CFLAGS)\n' > "$WORK/cflags.mk"
+make -s -C "$SRC" -f "$WORK/cflags.mk" print-cflags | sed "s|$SRC/*\([a-z-]*\)/include|@INC@/\1|g" > "$CACHE/$VERSION/cflags"
+build_port "$CACHE/$VERSION"
 "$PY" -c 'import pjsua2; ep = pjsua2.Endpoint(); ep.libCreate(); print("pjsua2", ep.libVersion().full); ep.libDestroy()' >&2 \
   || die "the built module does not import"
 log "pjsua2 $VERSION built and cached in $OUT"

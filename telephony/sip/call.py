@@ -23,7 +23,9 @@ from telephony.sip.port import PTIME_US, RATE, SAMPLES, CallAudioPort
 
 log = structlog.get_logger(__name__)
 NAME = "sip"
-OUTBOUND_PACKETS = 1  # 20 ms of slack at the port: the SIP thread refills every few ms
+#: agent audio kept queued at the port: the SIP thread refills every PUMP_S (transport.py), the
+#: bridge takes a frame every 20 ms, so two frames never run dry between refills
+OUTBOUND_SAMPLES = 2 * SAMPLES
 PTIME_S = PTIME_US / 1e6  # one packet (our SDP's ptime: 20 ms)
 
 
@@ -62,8 +64,8 @@ class SipLeg(CallLeg):
     def flush_far_end(self) -> None:
         def flush(c) -> None:
             if c.port is not None:
-                c.port.generation = self.session.generation
-                c.port.outbound.clear()
+                c.port.drop_agent_audio()
+                c.generation = self.session.generation
         self._with_call(flush)
 
     def close(self, reason: EndReason) -> None:
@@ -89,6 +91,7 @@ class SipCall(pj.Call):
         self.media_index: int | None = None
         self.last_rx_pkt = -1
         self.refused = False
+        self.generation = 0  # the session's playout generation the port's queue belongs to
         self._underruns_seen = 0
         self._overruns_seen = 0
         self._loss_seen = (0, 0)  # (RTCP cumulative loss, jitter-buffer discards) already counted
@@ -176,11 +179,8 @@ class SipCall(pj.Call):
     def _connect(self, index: int) -> None:
         if self.port is None:
             self.port = self.endpoint.ports.acquire()
-            self._underruns_seen = self.port.underruns
-            self._overruns_seen = self.port.overruns
-        am = self.getAudioMedia(index)
-        am.startTransmit(self.port)
-        self.port.startTransmit(am)
+            self._underruns_seen, self._overruns_seen, _ = self.port.counters()
+        self.port.connect(self.getAudioMedia(index).getPortId())
 
     def onDtmfDigit(self, prm) -> None:
         if self.leg is not None:
@@ -243,7 +243,7 @@ class SipCall(pj.Call):
             leg = self.attach(got)
             leg.session.log.info("call_dequeued", queue_wait_s=leg.session.queue_wait_s)
             if self.port is not None:
-                self.port.outbound.clear()
+                self.port.drop_agent_audio()
             leg.start()  # the 200 OK (early_media) comes with its first frame, as for any call
             return
         if isinstance(got, Refusal):
@@ -253,45 +253,51 @@ class SipCall(pj.Call):
         port = self.port
         if port is None:
             return
-        port.inbound.clear()
-        while len(port.outbound) < OUTBOUND_PACKETS and self.hold is not None:
-            pkt = self.hold.take_packet()
-            port.outbound.append((port.generation, (np.clip(pkt, -1, 1) * 32767).astype("<i2").tobytes()))
+        port.drop_caller_audio()
+        if self.hold is not None and port.queued() < OUTBOUND_SAMPLES:
+            port.write(np.concatenate([self.hold.take_packet() for _ in range(
+                -(-(OUTBOUND_SAMPLES - port.queued()) // SAMPLES))]))
 
     def pump(self) -> None:
-        """Move audio between the port's byte queues and the leg (resampling happens there)."""
+        """Move audio between the port's rings and the leg (resampling happens there): all the
+        caller's samples since the last pump in one piece, the agent's topped up to
+        OUTBOUND_SAMPLES in one write."""
         if self.ticket is not None and not self.disconnected:
             return self.pump_held()
         port, leg = self.port, self.leg
         if port is None or leg is None or self.disconnected:
             return
-        chunks = []
-        while port.inbound:
-            chunks.append(port.inbound.popleft())
+        pcm = port.read()
         # a call we placed hears nothing before the answer (ringback in early media is no "hello")
-        if chunks and not self.on_hold and (self.dial is None or self.answered):
-            pcm = np.frombuffer(b"".join(chunks), dtype="<i2").astype(np.float32) / 32768.0
+        if pcm is not None and not self.on_hold and (self.dial is None or self.answered):
             if self.dial is not None:
                 self.dial.callee_audio(pcm, RATE)
             leg.audio_in(pcm)
         if not self.answered:
             return
-        sess = leg.session
-        port.generation = sess.generation
-        while len(port.outbound) < OUTBOUND_PACKETS:
-            pkt = leg.playout.take_packet()
-            if pkt is None:
-                break
-            port.outbound.append((sess.generation, (np.clip(pkt, -1, 1) * 32767).astype("<i2").tobytes()))
-        # underruns happen on the bridge clock (the port plays silence); its counter only grows
-        # there, and is read here by difference (no read-and-reset across threads)
-        total = port.underruns
-        n, self._underruns_seen = total - self._underruns_seen, total
-        for _ in range(n):
+        generation = leg.session.generation
+        if generation != self.generation:  # a barge-in the hop has not brought here yet
+            port.drop_agent_audio()
+            self.generation = generation
+        queued = port.queued()
+        if queued < OUTBOUND_SAMPLES:
+            pkts = []
+            while queued < OUTBOUND_SAMPLES:
+                pkt = leg.playout.take_packet()
+                if pkt is None:
+                    break
+                pkts.append(pkt)
+                queued += len(pkt)
+            if pkts:
+                port.write(pkts[0] if len(pkts) == 1 else np.concatenate(pkts))
+        # underruns happen on the bridge clock (the port sends silence); its counters only grow
+        # there, and are read here by difference (no read-and-reset across threads)
+        under, over, _ = port.counters()
+        for _ in range(under - self._underruns_seen):
             leg.playout.report_underrun()
-        over = port.overruns
+        self._underruns_seen = under
         if over != self._overruns_seen:
-            leg.count_lost(LossKind.BRIDGE_OVERRUN, (over - self._overruns_seen) * PTIME_S)
+            leg.count_lost(LossKind.BRIDGE_OVERRUN, (over - self._overruns_seen) / RATE)
             self._overruns_seen = over
 
     def check_media(self, timeout_s: float) -> None:

@@ -1,85 +1,155 @@
-"""The per-call pjsua2 audio port: 16 kHz, 20 ms, 16-bit, on the conference bridge clock.
+"""The per-call audio port on pjsua's conference bridge: 16 kHz, 20 ms frames, in C.
 
-pjsua2 calls these two methods from the bridge's clock thread with the bridge lock held: a slow
-callback would stall every call. So they only move bytes between deques; resampling, framing
-and the session live on the SIP thread (`SipCall.pump`). The bytes cross SWIG's `ByteVector`
-in one copy each way (`copy_to_bytearray`, `assign_from_bytes`): iterating the vector from
-Python, as `bytes(frame.buf)` and `ByteVector(data)` do, costs about 0.5 ms per 20 ms packet,
-which alone was most of the clock thread's time per call. A request always gets a full frame
-(silence when nothing is ready), and packets from before a barge-in are dropped.
+The bridge's clock thread moves each call's frames in and out of two sample rings inside a
+small native port (`native/call_port.c`, built by `scripts/build_pjsua2.sh`); the SIP thread
+reads what the caller said and queues what the agent says, as many samples at a time as it has,
+through ctypes (which releases the interpreter lock). No Python runs on the clock thread: a
+pjsua2 `AudioMediaPort` subclassed in Python had the clock call into the interpreter twice per
+20 ms per call, the largest share of the media plane's CPU and a contender for the lock the
+engine thread needs.
 
-Ports are pooled, never destroyed while the bridge runs: since pjproject 2.14 removing a port
+A request of the bridge always gets a full frame (silence when less than a frame is queued,
+counted as an underrun); caller samples that find the inbound ring (1 s) full push out the
+oldest, counted. Both counters only grow, on the clock thread; the SIP thread reads differences.
+
+Ports are pooled, never removed while the bridge runs: since pjproject 2.14 removing a port
 from the conference bridge is queued to the clock thread, so a port freed at call end could
-still be called back once more, into freed memory (a rare SIGSEGV after a call ended). A port
-that served a call goes back to the pool and the next call reuses it; the pool is only as
-large as the most calls ever up at once, and is freed after the clock has stopped.
+still be called back once more, into freed memory. A port that served a call goes back to the
+pool and the next call reuses it; the pool is only as large as the most calls ever up at once,
+and its memory is freed after libDestroy.
 """
 
 from __future__ import annotations
 
-import collections
+import ctypes
+import os
+import sysconfig
+from pathlib import Path
 
-import pjsua2 as pj
+import numpy as np
+import pjsua2 as pj  # noqa: F401  (loads _pjsua2, whose pj symbols the port uses)
 
 RATE = 16000
 PTIME_US = 20000
 SAMPLES = RATE * PTIME_US // 1_000_000  # 320
-SILENCE = bytes(SAMPLES * 2)
+IN_CAPACITY = RATE  # 1 s of caller audio: the SIP thread reads every few ms
+OUT_CAPACITY = RATE // 2  # agent audio; the SIP thread keeps only a few frames queued
+LIBRARY = "personaplex_call_port.so"  # beside pjsua2 in the virtualenv (build_pjsua2.sh)
 
 
-#: pjsua2 builds whose ByteVector has the one-copy helpers (pjproject 2.14 and later do)
-ONE_COPY = hasattr(pj.ByteVector, "copy_to_bytearray") and hasattr(pj.ByteVector, "assign_from_bytes")
+class CallPortUnavailable(RuntimeError):
+    pass
 
 
-class CallAudioPort(pj.AudioMediaPort):
-    def __init__(self):
-        super().__init__()
-        self.inbound: collections.deque[bytes] = collections.deque(maxlen=50)  # 1 s: bounded
-        self.outbound: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=10)
-        self.generation = 0  # updated by the SIP thread on barge-in
-        self.underruns = 0  # only ever grows, on the clock thread; the SIP thread reads differences
-        self.overruns = 0  # caller frames pushed out of the full inbound queue (same rule)
-        self._silence = pj.ByteVector(SILENCE) if not ONE_COPY else None
+def _library() -> ctypes.CDLL:
+    import _pjsua2
+
+    path = Path(sysconfig.get_paths()["platlib"]) / LIBRARY
+    if not path.exists():
+        raise CallPortUnavailable(f"the SIP call port is not built ({path} is missing): run scripts/setup.sh")
+    # the port's pj symbols resolve to pjsua2's own (one pjsua state, one bridge): make them global
+    ctypes.CDLL(_pjsua2.__file__, mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
+    lib = ctypes.CDLL(str(path))
+    vp, u, i16p = ctypes.c_void_p, ctypes.c_uint, ctypes.c_void_p
+    sig = {
+        "cp_create": (vp, [ctypes.c_char_p, u, u, u, u, ctypes.POINTER(ctypes.c_int)]),
+        "cp_slot": (ctypes.c_int, [vp]),
+        "cp_connect": (ctypes.c_int, [vp, ctypes.c_int]),
+        "cp_read": (u, [vp, i16p, u]),
+        "cp_write": (u, [vp, i16p, u]),
+        "cp_queued": (u, [vp]),
+        "cp_clear": (None, [vp, ctypes.c_int]),
+        "cp_counters": (None, [vp, ctypes.POINTER(ctypes.c_uint64)]),
+        "cp_tap": (None, [vp, ctypes.c_double]),
+        "cp_tap_read": (u, [vp, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_double), u]),
+        "cp_free": (None, [vp]),
+    }
+    for name, (res, args) in sig.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    return lib
+
+
+_lib: ctypes.CDLL | None = None
+
+
+def lib() -> ctypes.CDLL:
+    global _lib
+    if _lib is None:
+        _lib = _library()
+    return _lib
+
+
+class CallAudioPort:
+    """One call's rings on the bridge. Every method is for the SIP thread (connect is pjsua's API;
+    the rest only take the port's own mutex, shared with the clock thread)."""
+
+    def __init__(self, name: str):
+        self._lib = lib()
+        status = ctypes.c_int(0)
+        self._p = self._lib.cp_create(name.encode(), RATE, SAMPLES, IN_CAPACITY, OUT_CAPACITY, ctypes.byref(status))
+        if not self._p:
+            raise CallPortUnavailable(f"pjsua refused the call port {name} (pj status {status.value})")
+        self.slot: int = self._lib.cp_slot(self._p)
+        self._in = np.empty(IN_CAPACITY, dtype="<i2")
+        self._in_ptr = self._in.ctypes.data
+        self._counters = (ctypes.c_uint64 * 3)()
+
+    def connect(self, call_slot: int) -> None:
+        """The call's audio to this port and back (its stream's conference slot)."""
+        status = self._lib.cp_connect(self._p, call_slot)
+        if status != 0:
+            raise CallPortUnavailable(f"pjsua could not connect call slot {call_slot} (pj status {status})")
+
+    def read(self) -> np.ndarray | None:
+        """The caller's samples since the last read, as float32 in [-1, 1) (None: nothing new)."""
+        n = self._lib.cp_read(self._p, self._in_ptr, IN_CAPACITY)
+        if not n:
+            return None
+        return np.multiply(self._in[:n], 1.0 / 32768.0, dtype=np.float32)
+
+    def write(self, pcm: np.ndarray) -> int:
+        """Queue agent samples (float, clipped to int16); returns how many the ring took."""
+        data = np.ascontiguousarray((np.clip(pcm, -1.0, 1.0) * 32767.0).astype("<i2"))
+        return self._lib.cp_write(self._p, data.ctypes.data, len(data))
+
+    def queued(self) -> int:
+        """Agent samples queued and not yet sent."""
+        return self._lib.cp_queued(self._p)
+
+    def drop_agent_audio(self) -> None:
+        """A barge-in: what the caller was about to hear goes."""
+        self._lib.cp_clear(self._p, 2)
+
+    def drop_caller_audio(self) -> None:
+        self._lib.cp_clear(self._p, 1)
 
     def reset(self) -> None:
-        """Ready for the next call (SIP thread; the bridge may still call in, so only clear)."""
-        self.inbound.clear()
-        self.outbound.clear()
-        self.generation = 0
+        """Ready for the next call (the bridge may still call in, so only clear)."""
+        self._lib.cp_clear(self._p, 3)
 
-    def create(self, name: str) -> None:
-        fmt = pj.MediaFormatAudio()
-        fmt.init(pj.PJMEDIA_FORMAT_PCM, RATE, 1, PTIME_US, 16)
-        self.createPort(name, fmt)
+    def counters(self) -> tuple[int, int, int]:
+        """(underrun frames, caller samples pushed out of the full ring, caller frames received)."""
+        self._lib.cp_counters(self._p, self._counters)
+        c = self._counters
+        return int(c[0]), int(c[1]), int(c[2])
 
-    def onFrameReceived(self, frame) -> None:  # caller -> us (clock thread)
-        if frame.type == pj.PJMEDIA_FRAME_TYPE_AUDIO and frame.size:
-            if len(self.inbound) == self.inbound.maxlen:  # the SIP thread fell a second behind
-                self.overruns += 1
-            buf = frame.buf
-            if ONE_COPY:
-                data = bytearray(buf.size())  # copy_to_bytearray needs room for the whole vector
-                buf.copy_to_bytearray(data)
-            else:
-                data = bytes(buf)
-            self.inbound.append(data)
+    def tap(self, rms: float) -> None:
+        """Record when what is sent turns louder or quieter than `rms` (0: off). Benchmarks and
+        the test server time transports by it, at the moment the clock thread sends."""
+        self._lib.cp_tap(self._p, rms)
 
-    def onFrameRequested(self, frame) -> None:  # us -> caller (clock thread)
-        frame.type = pj.PJMEDIA_FRAME_TYPE_AUDIO
-        while self.outbound:
-            gen, data = self.outbound.popleft()
-            if gen == self.generation:
-                self._put(frame, data)
-                return
-        self.underruns += 1
-        self._put(frame, SILENCE)
+    def tap_events(self) -> list[tuple[bool, float]]:
+        """(loud, wall-clock time) of each change since the last call."""
+        loud, when = (ctypes.c_int * 64)(), (ctypes.c_double * 64)()
+        n = self._lib.cp_tap_read(self._p, loud, when, 64)
+        return [(bool(loud[i]), when[i]) for i in range(n)]
 
-    def _put(self, frame, data: bytes) -> None:
-        if ONE_COPY:
-            frame.buf.assign_from_bytes(data)
-        else:
-            frame.buf = self._silence if data is SILENCE else pj.ByteVector(data)
-        frame.size = len(data)
+    def free(self) -> None:
+        """Only after libDestroy: the bridge no longer knows the port."""
+        if self._p:
+            self._lib.cp_free(self._p)
+            self._p = None
 
 
 class PortPool:
@@ -94,8 +164,7 @@ class PortPool:
             port = self._free.pop()
             port.reset()
             return port
-        port = CallAudioPort()
-        port.create(f"agent{len(self._all)}")
+        port = CallAudioPort(f"agent{len(self._all)}")
         self._all.append(port)
         return port
 
@@ -105,6 +174,8 @@ class PortPool:
             self._free.append(port)
 
     def destroy(self) -> None:
-        """Only once nothing drives the bridge clock (the SIP endpoint's shutdown)."""
+        """Only after libDestroy (the SIP endpoint's shutdown): frees every port's memory."""
+        for port in self._all:
+            port.free()
         self._free.clear()
         self._all.clear()

@@ -35,6 +35,10 @@ from agent.osthread import name_os_thread
 
 log = structlog.get_logger(__name__)
 NAME = "sip"
+#: how often the SIP thread moves every call's audio between its port and its leg: each pump
+#: takes everything since the last (one piece per call), and the port keeps two frames queued
+#: (call.OUTBOUND_SAMPLES), so a pump late by up to a frame is not heard
+PUMP_S = 0.010
 
 
 def _quietly(fn) -> None:
@@ -203,12 +207,14 @@ class SipTransport:
             self._destroy()
             return
         self._ready.set()
-        last_check = time.monotonic()
+        last_check = last_pump = time.monotonic()
         while not self._stopping.is_set():
             self._run_commands()
             self.ep.libHandleEvents(5)
-            self._pump_all()
             now = time.monotonic()
+            if now - last_pump >= PUMP_S:
+                last_pump = now
+                self._pump_all()
             if now - last_check > 0.5:
                 last_check = now
                 self._housekeeping()
@@ -263,7 +269,6 @@ class SipTransport:
         # calls still up); with neither, there is nobody to say goodbye to
         quiet = not self.calls and self.cfg.registration is None
         self._drop_calls()
-        self.ports.destroy()
         gc.collect()  # anything pjsua2 in a reference cycle goes now, on this thread
         if self.account is not None:
             _quietly(self.account.shutdown)
@@ -272,6 +277,7 @@ class SipTransport:
             ep = self.ep
             _quietly(lambda: ep.libDestroy(pj.PJSUA_DESTROY_NO_NETWORK if quiet else 0))
             self.ep = None
+        self.ports.destroy()  # the bridge is gone: nothing can call into a port any more
 
     # -- incoming calls (SIP thread) ----------------------------------------------------------
     def _final(self, refusal: Refusal, status: tuple[int, str] | None = None) -> pj.CallOpParam:

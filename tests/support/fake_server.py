@@ -97,16 +97,23 @@ class _Tap:
 
 def install_taps() -> None:
     import telephony.streams.base as ms
-    import telephony.sip.port as sipport
+    import telephony.sip.call as sipcall
     import telephony.webrtc.tracks as tracks
 
-    sip_tap, web_tap, stream_tap = _Tap("sip"), _Tap("webrtc"), _Tap("stream")
-    real_req = sipport.CallAudioPort.onFrameRequested
+    web_tap, stream_tap = _Tap("webrtc"), _Tap("stream")
+    real_pump = sipcall.SipCall.pump
 
-    def on_req(self, frame):
-        real_req(self, frame)
-        sip_tap(id(self), np.frombuffer(bytes(frame.buf), dtype="<i2") / 32768.0)
-    sipport.CallAudioPort.onFrameRequested = on_req
+    def pump(self):  # the SIP port's own tap times each change as the bridge clock sends it
+        real_pump(self)
+        port = self.port
+        if port is None:
+            return
+        if not getattr(port, "tapped", False):
+            port.tap(LOUD)
+            port.tapped = True
+        for loud, t in port.tap_events():
+            log.info("tap", transport="sip", leg=id(port), loud=loud, t=t)
+    sipcall.SipCall.pump = pump
     real_recv = tracks.AgentAudioTrack.recv
 
     async def recv(self):
