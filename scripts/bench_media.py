@@ -227,7 +227,8 @@ def bench_tree(name: str, tree: Path, args, tmp: Path) -> list[dict]:
     enabled = set(args.transports)
     srv = ServerProcess(d, default_cache_dir(), {
         "engine": {"max_calls": args.calls, "max_call_seconds": None},
-        "sip": {"enabled": "sip" in enabled, "rtp_port": 24000},
+        "sip": {"enabled": "sip" in enabled, "rtp_port": 24000,
+                **({"codecs": args.sip_codecs.split(",")} if args.sip_codecs else {})},
         "twilio": {"enabled": "twilio" in enabled, "allow_unsigned": False},
         "telnyx": {"enabled": "telnyx" in enabled},
         "logging": {"format": "json", "level": "info"},
@@ -256,6 +257,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--transports", default="sip,twilio,telnyx,webrtc")
     ap.add_argument("--tree", action="append", default=[], help="NAME=PATH: the server from this checkout")
+    ap.add_argument("--sip-codecs", help="the server's sip.codecs, comma-separated (PCMU/8000: an 8 kHz bridge)")
     ap.add_argument("--json", help="write the rows here too")
     # caller mode (internal): this script as the callers' own process
     ap.add_argument("--caller", choices=("twilio", "telnyx", "webrtc"), help=argparse.SUPPRESS)

@@ -19,13 +19,13 @@ from telephony.admission import AdmittedCall, Refusal
 from telephony.call_queue import Ticket
 from telephony.leg import CallLeg, LossKind
 from telephony.sip.dial import OutboundDial
-from telephony.sip.port import PTIME_US, RATE, SAMPLES, CallAudioPort
+from telephony.sip.port import PTIME_US, CallAudioPort
 
 log = structlog.get_logger(__name__)
 NAME = "sip"
-#: agent audio kept queued at the port: the SIP thread refills every PUMP_S (transport.py), the
-#: bridge takes a frame every 20 ms, so two frames never run dry between refills
-OUTBOUND_SAMPLES = 2 * SAMPLES
+#: agent audio kept queued at the port, in bridge frames: the SIP thread refills every PUMP_S
+#: (transport.py), the bridge takes a frame every 20 ms, so two frames never run dry between refills
+OUTBOUND_FRAMES = 2
 PTIME_S = PTIME_US / 1e6  # one packet (our SDP's ptime: 20 ms)
 
 
@@ -45,8 +45,9 @@ class SipLeg(CallLeg):
 
         def hop(ev) -> None:  # engine/VAD thread -> SIP thread, by call id
             endpoint.post(lambda: endpoint.with_call(call_id, lambda c: c.leg.on_event(ev)))
-        super().__init__(admitted, endpoint=NAME, metrics=endpoint.metrics, in_rate=RATE, out_rate=RATE,
-                         out_packet=SAMPLES, hop=hop)
+        rate = endpoint.ports.rate
+        super().__init__(admitted, endpoint=NAME, metrics=endpoint.metrics, in_rate=rate, out_rate=rate,
+                         out_packet=rate * PTIME_US // 1_000_000, hop=hop)
         self._call = weakref.ref(call)
 
     def _with_call(self, fn) -> None:
@@ -254,14 +255,15 @@ class SipCall(pj.Call):
         if port is None:
             return
         port.drop_caller_audio()
-        if self.hold is not None and port.queued() < OUTBOUND_SAMPLES:
+        want = OUTBOUND_FRAMES * port.samples
+        if self.hold is not None and port.queued() < want:
             port.write(np.concatenate([self.hold.take_packet() for _ in range(
-                -(-(OUTBOUND_SAMPLES - port.queued()) // SAMPLES))]))
+                -(-(want - port.queued()) // port.samples))]))
 
     def pump(self) -> None:
         """Move audio between the port's rings and the leg (resampling happens there): all the
         caller's samples since the last pump in one piece, the agent's topped up to
-        OUTBOUND_SAMPLES in one write."""
+        OUTBOUND_FRAMES in one write."""
         if self.ticket is not None and not self.disconnected:
             return self.pump_held()
         port, leg = self.port, self.leg
@@ -271,7 +273,7 @@ class SipCall(pj.Call):
         # a call we placed hears nothing before the answer (ringback in early media is no "hello")
         if pcm is not None and not self.on_hold and (self.dial is None or self.answered):
             if self.dial is not None:
-                self.dial.callee_audio(pcm, RATE)
+                self.dial.callee_audio(pcm, port.rate)
             leg.audio_in(pcm)
         if not self.answered:
             return
@@ -279,10 +281,10 @@ class SipCall(pj.Call):
         if generation != self.generation:  # a barge-in the hop has not brought here yet
             port.drop_agent_audio()
             self.generation = generation
-        queued = port.queued()
-        if queued < OUTBOUND_SAMPLES:
+        queued, want = port.queued(), OUTBOUND_FRAMES * port.samples
+        if queued < want:
             pkts = []
-            while queued < OUTBOUND_SAMPLES:
+            while queued < want:
                 pkt = leg.playout.take_packet()
                 if pkt is None:
                     break
@@ -297,7 +299,7 @@ class SipCall(pj.Call):
             leg.playout.report_underrun()
         self._underruns_seen = under
         if over != self._overruns_seen:
-            leg.count_lost(LossKind.BRIDGE_OVERRUN, (over - self._overruns_seen) / RATE)
+            leg.count_lost(LossKind.BRIDGE_OVERRUN, (over - self._overruns_seen) / port.rate)
             self._overruns_seen = over
 
     def check_media(self, timeout_s: float) -> None:

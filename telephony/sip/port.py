@@ -1,4 +1,4 @@
-"""The per-call audio port on pjsua's conference bridge: 16 kHz, 20 ms frames, in C.
+"""The per-call audio port on pjsua's conference bridge: the bridge's rate, 20 ms frames, in C.
 
 The bridge's clock thread moves each call's frames in and out of two sample rings inside a
 small native port (`native/call_port.c`, built by `scripts/build_pjsua2.sh`); the SIP thread
@@ -29,16 +29,23 @@ from pathlib import Path
 import numpy as np
 import pjsua2 as pj  # noqa: F401  (loads _pjsua2, whose pj symbols the port uses)
 
-RATE = 16000
 PTIME_US = 20000
-SAMPLES = RATE * PTIME_US // 1_000_000  # 320
-IN_CAPACITY = RATE  # 1 s of caller audio: the SIP thread reads every few ms
-OUT_CAPACITY = RATE // 2  # agent audio; the SIP thread keeps only a few frames queued
 LIBRARY = "personaplex_call_port.so"  # beside pjsua2 in the virtualenv (build_pjsua2.sh)
 
 
 class CallPortUnavailable(RuntimeError):
     pass
+
+
+def bridge_rate(codecs: list[str]) -> int:
+    """The conference bridge's clock rate for the codecs the endpoint offers ("PCMU/8000",
+    "G722/16000", "opus/48000"): the highest of them, at most 16 kHz (the model's audio is
+    resampled to 24 kHz at the leg either way). The bridge resamples every call whose codec runs
+    at another rate, both ways, on its clock thread (libsamplerate: most of that thread's time,
+    bench_media), so an endpoint offering only G.711 runs it at 8 kHz and resamples nothing;
+    one offering a wideband codec keeps 16 kHz so that wideband calls stay wideband."""
+    rates = [int(c.rsplit("/", 1)[1]) for c in codecs if "/" in c and c.rsplit("/", 1)[1].isdigit()]
+    return min(max(rates, default=16000), 16000) if any(r >= 8000 for r in rates) else 16000
 
 
 def _library() -> ctypes.CDLL:
@@ -84,14 +91,18 @@ class CallAudioPort:
     """One call's rings on the bridge. Every method is for the SIP thread (connect is pjsua's API;
     the rest only take the port's own mutex, shared with the clock thread)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, rate: int):
         self._lib = lib()
+        self.rate = rate
+        self.samples = rate * PTIME_US // 1_000_000  # one 20 ms frame of the bridge
+        self._capacity = rate  # 1 s of caller audio: the SIP thread reads every 10 ms
         status = ctypes.c_int(0)
-        self._p = self._lib.cp_create(name.encode(), RATE, SAMPLES, IN_CAPACITY, OUT_CAPACITY, ctypes.byref(status))
+        self._p = self._lib.cp_create(name.encode(), rate, self.samples, self._capacity, rate // 2,
+                                      ctypes.byref(status))
         if not self._p:
             raise CallPortUnavailable(f"pjsua refused the call port {name} (pj status {status.value})")
         self.slot: int = self._lib.cp_slot(self._p)
-        self._in = np.empty(IN_CAPACITY, dtype="<i2")
+        self._in = np.empty(self._capacity, dtype="<i2")
         self._in_ptr = self._in.ctypes.data
         self._counters = (ctypes.c_uint64 * 3)()
 
@@ -103,7 +114,7 @@ class CallAudioPort:
 
     def read(self) -> np.ndarray | None:
         """The caller's samples since the last read, as float32 in [-1, 1) (None: nothing new)."""
-        n = self._lib.cp_read(self._p, self._in_ptr, IN_CAPACITY)
+        n = self._lib.cp_read(self._p, self._in_ptr, self._capacity)
         if not n:
             return None
         return np.multiply(self._in[:n], 1.0 / 32768.0, dtype=np.float32)
@@ -155,7 +166,8 @@ class CallAudioPort:
 class PortPool:
     """Call audio ports, reused across calls (see the module docstring for why)."""
 
-    def __init__(self):
+    def __init__(self, rate: int):
+        self.rate = rate
         self._free: list[CallAudioPort] = []
         self._all: list[CallAudioPort] = []
 
@@ -164,7 +176,7 @@ class PortPool:
             port = self._free.pop()
             port.reset()
             return port
-        port = CallAudioPort(f"agent{len(self._all)}")
+        port = CallAudioPort(f"agent{len(self._all)}", self.rate)
         self._all.append(port)
         return port
 

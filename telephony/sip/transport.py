@@ -28,7 +28,7 @@ from telephony.amd import AmdSettings
 from telephony.outbound import DialState, Outbound, OutboundCall
 from telephony.sip.call import SipCall
 from telephony.sip.dial import OutboundDial
-from telephony.sip.port import RATE, SAMPLES, PortPool
+from telephony.sip.port import PTIME_US, PortPool, bridge_rate
 from telephony.sip.sipmsg import allowed, caller_user, dialled_user, has_header, header_variables, source_ip
 from telephony.transport import TransportContext
 from agent.osthread import name_os_thread
@@ -37,7 +37,7 @@ log = structlog.get_logger(__name__)
 NAME = "sip"
 #: how often the SIP thread moves every call's audio between its port and its leg: each pump
 #: takes everything since the last (one piece per call), and the port keeps two frames queued
-#: (call.OUTBOUND_SAMPLES), so a pump late by up to a frame is not heard
+#: (call.OUTBOUND_FRAMES), so a pump late by up to a frame is not heard
 PUMP_S = 0.010
 
 
@@ -81,7 +81,7 @@ class SipTransport:
         self.calls: dict[int, SipCall] = {}
         self.placed: dict[str, SipCall] = {}  # calls the agent placed, by the API's call id
         self._dead: list[SipCall] = []
-        self.ports = PortPool()
+        self.ports = PortPool(bridge_rate(self.cfg.codecs))
         self._lib_started = False
         self.ep: pj.Endpoint | None = None
         self.account: _Account | None = None
@@ -96,7 +96,8 @@ class SipTransport:
         await asyncio.get_running_loop().run_in_executor(None, self._ready.wait, 30)
         if self._error is not None:
             raise self._error
-        log.info("sip_listening", host=self.cfg.host, port=self.port, transports=self.cfg.transports)
+        log.info("sip_listening", host=self.cfg.host, port=self.port, transports=self.cfg.transports,
+                 bridge_rate=self.ports.rate)
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -138,13 +139,14 @@ class SipTransport:
         epc.logConfig.level = c.pjsip_log_level
         epc.logConfig.consoleLevel = c.pjsip_log_level
         epc.logConfig.decor = 0
-        epc.medConfig.clockRate = 16000
-        epc.medConfig.sndClockRate = 16000
+        epc.medConfig.clockRate = self.ports.rate
+        epc.medConfig.sndClockRate = self.ports.rate
         epc.medConfig.channelCount = 1
         epc.medConfig.ecTailLen = 0
         epc.medConfig.noVad = True
-        # The bridge runs at 16 kHz and resamples every 8 kHz (G.711) stream both ways on its
-        # clock thread. At pjsua's default quality (8) that is libsamplerate's best sinc filter,
+        # The bridge runs at `bridge_rate` (16 kHz when a wideband codec is offered, else 8 kHz)
+        # and resamples every stream of another rate both ways on its clock thread (G.711 calls
+        # on a 16 kHz bridge). At pjsua's default quality (8) that is libsamplerate's best sinc filter,
         # most of the clock thread's time per call (bench_media: 74% of a core for 8 calls); at 4
         # pjsua picks the small filter, ample for telephone audio (pjsip's own mobile default)
         epc.medConfig.quality = 4
@@ -306,7 +308,8 @@ class SipTransport:
     def _hold(self, call: SipCall, ticket: Ticket) -> None:
         """Every slot is busy and the queue has room: the caller waits on hold (SIP thread)."""
         call.ticket = ticket
-        call.hold = self.hold_audio.player(RATE, SAMPLES) if self.hold_audio is not None else None
+        rate = self.ports.rate
+        call.hold = self.hold_audio.player(rate, rate * PTIME_US // 1_000_000) if self.hold_audio is not None else None
         if self.queue_cfg.sip_answer == "answer":
             # 200 after onIncomingCall returns, as final answers are (see `_refuse`)
             call_id = call.getId()

@@ -384,6 +384,31 @@ def test_registration_with_digest_auth(tmp_path, demo_dir):
         srv.stop()
 
 
+def test_a_g711_only_endpoint_runs_its_bridge_at_8khz_and_calls_work_both_ways(tmp_path, demo_dir, audio):
+    """Offering only G.711, the endpoint's bridge runs at 8 kHz (nothing to resample on its clock
+    thread) and its call ports with it: the caller still hears the agent and is heard."""
+    srv = ServerProcess(tmp_path, demo_dir.parent, {"sip": {"enabled": True, "codecs": ["PCMU/8000"],
+                                                            "rtp_port": rtp_ports()}})
+    try:
+        srv.wait_ready()
+        listening = next(ln for ln in srv.lines() if ln.get("event") == "sip_listening")
+        assert listening["bridge_rate"] == 8000
+        out = tmp_path / "heard.wav"
+        res = subprocess.run(pj_call(srv, "+14155550100", audio["wav16"], out, 3.0, "PCMU"),
+                             capture_output=True, text=True, timeout=60)
+        summary = client_summary(res.stdout)
+        assert summary["answered"] and summary["codec"].lower().startswith("pcmu"), summary
+        import sphn
+
+        heard, _ = sphn.read(str(out))
+        assert np.abs(heard).max() > 0.02  # the agent's audio came back over RTP
+        end = call_end_of(srv, set(), "+14155550100")
+        assert end["reason"] == "caller_hangup" and end["frames_in"] > 20 and end["caller_peak"] > 0.05
+        assert end["caller_audio_lost_s"] == 0
+    finally:
+        assert srv.stop() == 0
+
+
 def test_invite_from_outside_the_acl_gets_403(tmp_path, demo_dir):
     srv = ServerProcess(tmp_path, demo_dir.parent, {"sip": {"enabled": True, "allow_from": ["10.0.0.0/8"],
                                                             "rtp_port": rtp_ports()}})

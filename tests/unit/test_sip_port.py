@@ -11,7 +11,11 @@ import numpy as np
 import pjsua2 as pj
 import pytest
 
-from telephony.sip.port import IN_CAPACITY, RATE, SAMPLES, PortPool
+from telephony.sip.port import PortPool, bridge_rate
+
+RATE = 16000
+SAMPLES = 320
+IN_CAPACITY = RATE  # a second
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +32,7 @@ def bridge():
     ep.libInit(cfg)
     ep.audDevManager().setNullDev()  # the bridge's clock: 20 ms frames on pjmedia's own thread
     ep.libStart()
-    pool = PortPool()
+    pool = PortPool(RATE)
     a, b = pool.acquire(), pool.acquire()
     a.connect(b.slot)  # a -> b and b -> a, as a call's stream and its port
     yield pool, a, b
@@ -95,3 +99,11 @@ def test_a_barge_in_drops_what_is_queued_and_the_tap_sees_it_go_quiet(bridge):
     assert [loud for loud, _ in events][-2:] == [True, False]
     assert 0 <= events[-1][1] - t_drop < 0.05  # quiet from the next frame the clock sends
     a.tap(0)
+
+
+def test_the_bridge_runs_at_the_rate_of_the_codecs_offered():
+    assert bridge_rate(["opus/48000", "G722/16000", "PCMU/8000", "PCMA/8000"]) == 16000  # the default list
+    assert bridge_rate(["PCMU/8000", "PCMA/8000"]) == 8000  # G.711 only: nothing to resample
+    assert bridge_rate(["G722/16000"]) == 16000
+    assert bridge_rate(["opus/48000"]) == 16000  # never above 16 kHz
+    assert bridge_rate(["PCMU"]) == 16000  # no rate given: the wideband default
