@@ -56,7 +56,10 @@ def _library() -> ctypes.CDLL:
         raise CallPortUnavailable(f"the SIP call port is not built ({path} is missing): run scripts/setup.sh")
     # the port's pj symbols resolve to pjsua2's own (one pjsua state, one bridge): make them global
     ctypes.CDLL(_pjsua2.__file__, mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
-    lib = ctypes.CDLL(str(path))
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:  # e.g. a pjsua2 built with hidden symbols, or one the port was not built for
+        raise CallPortUnavailable(f"the SIP call port does not load ({exc}): run scripts/setup.sh") from None
     vp, u, i16p = ctypes.c_void_p, ctypes.c_uint, ctypes.c_void_p
     sig = {
         "cp_create": (vp, [ctypes.c_char_p, u, u, u, u, ctypes.POINTER(ctypes.c_int)]),
@@ -170,6 +173,11 @@ class PortPool:
         self.rate = rate
         self._free: list[CallAudioPort] = []
         self._all: list[CallAudioPort] = []
+
+    def check(self) -> None:
+        """Load the port library now (the endpoint's start), so a missing or stale build stops
+        the start with its reason instead of failing the first call."""
+        lib()
 
     def acquire(self) -> CallAudioPort:
         if self._free:

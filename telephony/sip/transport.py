@@ -151,6 +151,7 @@ class SipTransport:
         # pjsua picks the small filter, ample for telephone audio (pjsip's own mobile default)
         epc.medConfig.quality = 4
         ep.libInit(epc)
+        self.ports.check()
         ep.audDevManager().setNullDev()
         for t in c.transports:
             tc = pj.TransportConfig()
