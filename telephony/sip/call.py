@@ -45,9 +45,9 @@ class SipLeg(CallLeg):
 
         def hop(ev) -> None:  # engine/VAD thread -> SIP thread, by call id
             endpoint.post(lambda: endpoint.with_call(call_id, lambda c: c.leg.on_event(ev)))
-        rate = endpoint.ports.rate
-        super().__init__(admitted, endpoint=NAME, metrics=endpoint.metrics, in_rate=rate, out_rate=rate,
-                         out_packet=rate * PTIME_US // 1_000_000, hop=hop)
+        ports = endpoint.ports
+        super().__init__(admitted, endpoint=NAME, metrics=endpoint.metrics, in_rate=ports.rate, out_rate=ports.rate,
+                         out_packet=ports.samples, hop=hop)
         self._call = weakref.ref(call)
 
     def _with_call(self, fn) -> None:
@@ -66,7 +66,6 @@ class SipLeg(CallLeg):
         def flush(c) -> None:
             if c.port is not None:
                 c.port.drop_agent_audio()
-                c.generation = self.session.generation
         self._with_call(flush)
 
     def close(self, reason: EndReason) -> None:
@@ -92,7 +91,6 @@ class SipCall(pj.Call):
         self.media_index: int | None = None
         self.last_rx_pkt = -1
         self.refused = False
-        self.generation = 0  # the session's playout generation the port's queue belongs to
         self._underruns_seen = 0
         self._overruns_seen = 0
         self._loss_seen = (0, 0)  # (RTCP cumulative loss, jitter-buffer discards) already counted
@@ -255,10 +253,9 @@ class SipCall(pj.Call):
         if port is None:
             return
         port.drop_caller_audio()
-        want = OUTBOUND_FRAMES * port.samples
-        if self.hold is not None and port.queued() < want:
-            port.write(np.concatenate([self.hold.take_packet() for _ in range(
-                -(-(want - port.queued()) // port.samples))]))
+        missing = OUTBOUND_FRAMES * port.samples - port.queued()
+        if self.hold is not None and missing > 0:
+            port.write(np.concatenate([self.hold.take_packet() for _ in range(-(-missing // port.samples))]))
 
     def pump(self) -> None:
         """Move audio between the port's rings and the leg (resampling happens there): all the
@@ -277,10 +274,7 @@ class SipCall(pj.Call):
             leg.audio_in(pcm)
         if not self.answered:
             return
-        generation = leg.session.generation
-        if generation != self.generation:  # a barge-in the hop has not brought here yet
-            port.drop_agent_audio()
-            self.generation = generation
+        # (a barge-in empties the port's queue through the leg: flush_far_end)
         queued, want = port.queued(), OUTBOUND_FRAMES * port.samples
         if queued < want:
             pkts = []

@@ -44,8 +44,8 @@ def bridge_rate(codecs: list[str]) -> int:
     at another rate, both ways, on its clock thread (libsamplerate: most of that thread's time,
     bench_media), so an endpoint offering only G.711 runs it at 8 kHz and resamples nothing;
     one offering a wideband codec keeps 16 kHz so that wideband calls stay wideband."""
-    rates = [int(c.rsplit("/", 1)[1]) for c in codecs if "/" in c and c.rsplit("/", 1)[1].isdigit()]
-    return min(max(rates, default=16000), 16000) if any(r >= 8000 for r in rates) else 16000
+    rates = [int(r) for r in (c.rsplit("/", 1)[-1] for c in codecs if "/" in c) if r.isdigit() and int(r) >= 8000]
+    return min(max(rates), 16000) if rates else 16000
 
 
 def _library() -> ctypes.CDLL:
@@ -171,6 +171,7 @@ class PortPool:
 
     def __init__(self, rate: int):
         self.rate = rate
+        self.samples = rate * PTIME_US // 1_000_000  # one 20 ms frame of the bridge (and of a port)
         self._free: list[CallAudioPort] = []
         self._all: list[CallAudioPort] = []
 

@@ -28,7 +28,7 @@ from telephony.amd import AmdSettings
 from telephony.outbound import DialState, Outbound, OutboundCall
 from telephony.sip.call import SipCall
 from telephony.sip.dial import OutboundDial
-from telephony.sip.port import PTIME_US, PortPool, bridge_rate
+from telephony.sip.port import PortPool, bridge_rate
 from telephony.sip.sipmsg import allowed, caller_user, dialled_user, has_header, header_variables, source_ip
 from telephony.transport import TransportContext
 from agent.osthread import name_os_thread
@@ -309,8 +309,7 @@ class SipTransport:
     def _hold(self, call: SipCall, ticket: Ticket) -> None:
         """Every slot is busy and the queue has room: the caller waits on hold (SIP thread)."""
         call.ticket = ticket
-        rate = self.ports.rate
-        call.hold = self.hold_audio.player(rate, rate * PTIME_US // 1_000_000) if self.hold_audio is not None else None
+        call.hold = self.hold_audio.player(self.ports.rate, self.ports.samples) if self.hold_audio is not None else None
         if self.queue_cfg.sip_answer == "answer":
             # 200 after onIncomingCall returns, as final answers are (see `_refuse`)
             call_id = call.getId()

@@ -130,7 +130,6 @@ static pj_status_t get_frame(pjmedia_port *this_port, pjmedia_frame *frame) {
     pthread_mutex_unlock(&p->lock);
     frame->type = PJMEDIA_FRAME_TYPE_AUDIO;
     frame->size = n * sizeof(int16_t);
-    frame->timestamp.u64 = 0;
     return PJ_SUCCESS;
 }
 
