@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-STEP_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0)
+#: 5 ms apart from 30 to 80 ms, where a step's distance from the 80 ms budget is judged
+STEP_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.035, 0.04, 0.045, 0.05, 0.055, 0.06, 0.065, 0.07, 0.075, 0.08,
+                0.1, 0.15, 0.25, 0.5, 1.0)
 ANSWER_BUCKETS = (0.02, 0.05, 0.08, 0.1, 0.16, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0)
 REPRIME_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 

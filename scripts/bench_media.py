@@ -15,7 +15,13 @@ those expected for the call's length, late frames, playout underruns, caller aud
 the latency bound and lost on the way in (`caller_audio_lost_s`, where the server counts it).
 
 `--tree NAME=PATH` runs the server from another checkout of this project (PYTHONPATH=PATH), so a
-before/after comparison shares one machine, one moment and the same callers.
+before/after comparison shares one machine, one moment and the same callers. `--model demo` runs
+the real server with the tiny demo model instead of the echo (the engine's own cost in the
+tick), for comparing its step time with `bench_calls.py --vad` at the same number of calls.
+
+Each row also gives the engine's step time over the window (median and p99, from the server's
+`personaplex_engine_step_seconds` histogram: read as the upper edge of the bucket they fall in,
+5 ms resolution from 30 to 80 ms).
 """
 
 from __future__ import annotations
@@ -173,6 +179,32 @@ def ends_of(srv, endpoint: str, skip: set[str]) -> list[dict]:
             and ln.get("call_id") not in skip]
 
 
+def step_histogram(srv) -> dict[float, float]:
+    """The engine step histogram's cumulative bucket counts {upper edge: count} (ops /metrics)."""
+    from tests.support.server import http_text
+
+    out = {}
+    for line in http_text(srv.ops_url + "/metrics").splitlines():
+        if line.startswith("personaplex_engine_step_seconds_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def step_quantiles(before: dict[float, float], after: dict[float, float]) -> tuple[int, float, float]:
+    """(steps in the window, median, p99) in ms: the upper edge of the bucket each falls in."""
+    edges = sorted(after)
+    counts = [after[e] - before.get(e, 0.0) for e in edges]
+    n = counts[-1] if counts else 0
+
+    def q(f: float) -> float:
+        for e, c in zip(edges, counts):
+            if c >= f * n:
+                return 1000 * e
+        return float("inf")
+    return int(n), q(0.5), q(0.99)
+
+
 def run_transport(srv, transport: str, calls: int, seconds: float, tmp: Path, idle_pct: float) -> dict:
     from tests.support import poll
 
@@ -184,10 +216,12 @@ def run_transport(srv, transport: str, calls: int, seconds: float, tmp: Path, id
          lambda n: n >= calls, 60, step=0.2)
     time.sleep(1.5)
     server, caller = CpuWindow([srv.proc.pid]), CpuWindow([callers.pid])
+    steps0 = step_histogram(srv)
     server.start()
     caller.start()
     time.sleep(max(seconds - 4.0, 2.0))
     s, c = server.stop(), caller.stop()
+    steps = step_quantiles(steps0, step_histogram(srv))
     try:
         out, _ = callers.communicate(timeout=seconds + 90)
     except subprocess.TimeoutExpired:
@@ -205,6 +239,7 @@ def run_transport(srv, transport: str, calls: int, seconds: float, tmp: Path, id
         "dropped_s": round(sum(e.get("caller_audio_dropped_s", 0) for e in ends), 3),
         "lost_s": round(sum(e.get("caller_audio_lost_s", 0) for e in ends), 3) if ends and "caller_audio_lost_s" in ends[0] else None,
         "reasons": sorted({e["reason"] for e in ends}),
+        "steps": steps,
         "callers_out": (out or "")[-300:] if transport != "sip" else "",
     }
 
@@ -216,6 +251,8 @@ def print_row(tree: str, r: dict) -> None:
           f"{r['late']:>5} {r['underruns']:>6} {r['dropped_s']:>7.2f} {lost:>6}  {','.join(r['reasons'])}")
     top = sorted(r["threads"].items(), key=lambda kv: -kv[1])[:6]
     print(" " * 17 + "threads: " + ", ".join(f"{k} {v:.1f}%" for k, v in top))
+    n, p50, p99 = r["steps"]
+    print(" " * 17 + f"engine step: median <= {p50:.0f} ms, p99 <= {p99:.0f} ms ({n} steps)")
 
 
 def bench_tree(name: str, tree: Path, args, tmp: Path) -> list[dict]:
@@ -232,7 +269,8 @@ def bench_tree(name: str, tree: Path, args, tmp: Path) -> list[dict]:
         "twilio": {"enabled": "twilio" in enabled, "allow_unsigned": False},
         "telnyx": {"enabled": "telnyx" in enabled},
         "logging": {"format": "json", "level": "info"},
-    }, env={"PYTHONPATH": str(tree)}, module="tests.support.fake_server", args=["--mode", "echo"])
+    }, env={"PYTHONPATH": str(tree)}, **({} if args.model == "demo" else
+                                         {"module": "tests.support.fake_server", "args": ["--mode", "echo"]}))
     rows = []
     try:
         srv.wait_ready(180)
@@ -257,6 +295,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--transports", default="sip,twilio,telnyx,webrtc")
     ap.add_argument("--tree", action="append", default=[], help="NAME=PATH: the server from this checkout")
+    ap.add_argument("--model", choices=("echo", "demo"), default="echo",
+                    help="echo: the model replaced by an echo; demo: the real server, tiny demo model")
     ap.add_argument("--sip-codecs", help="the server's sip.codecs, comma-separated (PCMU/8000: an 8 kHz bridge)")
     ap.add_argument("--json", help="write the rows here too")
     # caller mode (internal): this script as the callers' own process
@@ -275,7 +315,7 @@ def main() -> None:
         if not shutil.which(tool):
             sys.exit(f"{tool} is needed (scripts/setup.sh installs it)")
     trees = [(t.split("=", 1)[0], Path(t.split("=", 1)[1]).resolve()) for t in args.tree] or [("this", ROOT)]
-    print(f"{os.cpu_count()} cores; {args.calls} calls per transport, {args.seconds:.0f} s each; echo model")
+    print(f"{os.cpu_count()} cores; {args.calls} calls per transport, {args.seconds:.0f} s each; {args.model} model")
     print(f"{'tree':>8} {'trans.':>7} {'calls':>5} {'server%':>7} {'%/call':>8} {'callers%':>8} "
           f"{'frames in/expected':>13} {'median':>6} {'late':>5} {'underr':>6} {'drop_s':>7} {'lost_s':>6}  reasons")
     rows = []
