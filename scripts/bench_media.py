@@ -179,16 +179,43 @@ def ends_of(srv, endpoint: str, skip: set[str]) -> list[dict]:
             and ln.get("call_id") not in skip]
 
 
-def step_histogram(srv) -> dict[float, float]:
-    """The engine step histogram's cumulative bucket counts {upper edge: count} (ops /metrics)."""
+def scrape(srv) -> dict[str, float]:
+    """The ops /metrics page as {series: value} (each labelled series under its full name)."""
     from tests.support.server import http_text
 
     out = {}
     for line in http_text(srv.ops_url + "/metrics").splitlines():
-        if line.startswith("personaplex_engine_step_seconds_bucket{"):
-            le = line.split('le="', 1)[1].split('"', 1)[0]
-            out[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+        if line.startswith("personaplex_"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
     return out
+
+
+def step_histogram(metrics: dict[str, float]) -> dict[float, float]:
+    """The engine step histogram's cumulative bucket counts {upper edge: count}."""
+    out = {}
+    for name, v in metrics.items():
+        if name.startswith("personaplex_engine_step_seconds_bucket{"):
+            le = name.split('le="', 1)[1].split('"', 1)[0]
+            out[float("inf") if le == "+Inf" else float(le)] = v
+    return out
+
+
+ANSWERED = "personaplex_answer_to_first_audio_seconds_count"  # calls whose first agent frame went out
+
+#: counters read over the steady window (the call_end totals include the calls' starts)
+WINDOW_COUNTERS = {"drop_s": "personaplex_caller_audio_dropped_seconds_total",
+                   "lost_s": "personaplex_caller_audio_lost_seconds_total",
+                   "late": "personaplex_late_inbound_frames_total",
+                   "overruns": "personaplex_engine_overruns_total",
+                   "underruns": "personaplex_playout_underruns_total"}
+
+
+def window_counts(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """What each of WINDOW_COUNTERS grew by between two scrapes (all its labelled series)."""
+    def total(m: dict[str, float], name: str) -> float:
+        return sum(v for k, v in m.items() if k == name or k.startswith(name + "{"))
+    return {key: round(total(after, name) - total(before, name), 3) for key, name in WINDOW_COUNTERS.items()}
 
 
 def step_quantiles(before: dict[float, float], after: dict[float, float]) -> tuple[int, float, float]:
@@ -211,17 +238,22 @@ def run_transport(srv, transport: str, calls: int, seconds: float, tmp: Path, id
     skip = {ln["call_id"] for ln in ends_of(srv, transport, set())}
     starts_before = len([ln for ln in srv.lines() if ln.get("event") == "call_start"])
     callers = start_callers(transport, srv, calls, seconds, tmp)
-    # steady state: every call started and a second in; until a second before the first hang-up
+    # steady state: every call answered (its first agent frame out) and a second in; until a
+    # second before the first hang-up
+    answered_before = scrape(srv).get(ANSWERED, 0.0)
     poll(lambda: len([ln for ln in srv.lines() if ln.get("event") == "call_start"]) - starts_before,
          lambda n: n >= calls, 60, step=0.2)
-    time.sleep(1.5)
+    poll(lambda: scrape(srv).get(ANSWERED, 0.0) - answered_before, lambda n: n >= calls, 60, step=0.2)
+    time.sleep(1.0)
     server, caller = CpuWindow([srv.proc.pid]), CpuWindow([callers.pid])
-    steps0 = step_histogram(srv)
+    metrics0 = scrape(srv)
     server.start()
     caller.start()
-    time.sleep(max(seconds - 4.0, 2.0))
+    time.sleep(max(seconds - 5.0, 2.0))
     s, c = server.stop(), caller.stop()
-    steps = step_quantiles(steps0, step_histogram(srv))
+    metrics1 = scrape(srv)
+    steps = step_quantiles(step_histogram(metrics0), step_histogram(metrics1))
+    window = window_counts(metrics0, metrics1)
     try:
         out, _ = callers.communicate(timeout=seconds + 90)
     except subprocess.TimeoutExpired:
@@ -240,7 +272,9 @@ def run_transport(srv, transport: str, calls: int, seconds: float, tmp: Path, id
         "lost_s": round(sum(e.get("caller_audio_lost_s", 0) for e in ends), 3) if ends and "caller_audio_lost_s" in ends[0] else None,
         "reasons": sorted({e["reason"] for e in ends}),
         "steps": steps,
+        "window": window,
         "callers_out": (out or "")[-300:] if transport != "sip" else "",
+        "call_ends": ends,  # every call's `call_end` line (--json)
     }
 
 
@@ -253,6 +287,9 @@ def print_row(tree: str, r: dict) -> None:
     print(" " * 17 + "threads: " + ", ".join(f"{k} {v:.1f}%" for k, v in top))
     n, p50, p99 = r["steps"]
     print(" " * 17 + f"engine step: median <= {p50:.0f} ms, p99 <= {p99:.0f} ms ({n} steps)")
+    w = r["window"]
+    print(" " * 17 + f"steady window: dropped {w['drop_s']:.2f} s, lost {w['lost_s']:.2f} s, late frames "
+          f"{w['late']:.0f}, engine overruns {w['overruns']:.0f}, playout underruns {w['underruns']:.0f}")
 
 
 def bench_tree(name: str, tree: Path, args, tmp: Path) -> list[dict]:
@@ -298,7 +335,7 @@ def main() -> None:
     ap.add_argument("--model", choices=("echo", "demo"), default="echo",
                     help="echo: the model replaced by an echo; demo: the real server, tiny demo model")
     ap.add_argument("--sip-codecs", help="the server's sip.codecs, comma-separated (PCMU/8000: an 8 kHz bridge)")
-    ap.add_argument("--json", help="write the rows here too")
+    ap.add_argument("--json", help="write the rows here too, with every call's call_end line")
     # caller mode (internal): this script as the callers' own process
     ap.add_argument("--caller", choices=("twilio", "telnyx", "webrtc"), help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)

@@ -54,12 +54,16 @@ def load_silero_net() -> torch.nn.Module:
 
 @dataclass
 class VadStream:
-    """One call's VAD state: 24 kHz in, 16 kHz chunks, the network's recurrent state."""
+    """One call's VAD state: 24 kHz in, 16 kHz chunks, the network's recurrent state.
+
+    The state is kept as numpy (a view into the last round's output): a round then builds its
+    batch with one slice assignment per stream instead of a handful of small torch operations,
+    which were most of a round's interpreter time with dozens of calls."""
 
     resample: Resampler = field(default_factory=lambda: Resampler(SAMPLE_RATE, VAD_RATE))
     pending: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
-    state: torch.Tensor = field(default_factory=lambda: torch.zeros(STATE_SHAPE))
-    context: torch.Tensor = field(default_factory=lambda: torch.zeros(1, CONTEXT))
+    state: np.ndarray = field(default_factory=lambda: np.zeros(STATE_SHAPE[::2], np.float32))  # (2, 128)
+    context: np.ndarray = field(default_factory=lambda: np.zeros(CONTEXT, np.float32))
     arrived: list[np.ndarray] = field(default_factory=list)  # 24 kHz packets not yet resampled
 
     def feed(self, pcm24k: np.ndarray) -> None:
@@ -76,9 +80,8 @@ class VadStream:
     def ready(self) -> bool:
         return len(self.pending) >= VAD_CHUNK
 
-    def next_chunk(self) -> torch.Tensor:
-        chunk = torch.from_numpy(self.pending[:VAD_CHUNK].copy())[None]
-        self.pending = self.pending[VAD_CHUNK:]
+    def next_chunk(self) -> np.ndarray:
+        chunk, self.pending = self.pending[:VAD_CHUNK], self.pending[VAD_CHUNK:]
         return chunk
 
 
@@ -91,14 +94,19 @@ class BatchedVad:
     @torch.inference_mode()
     def forward(self, streams: list[VadStream]) -> list[float]:
         """One chunk of each stream (all must be `ready`) -> its speech probability."""
-        chunks = [s.next_chunk() for s in streams]
-        x = torch.cat([torch.cat([s.context, c], dim=1) for s, c in zip(streams, chunks)])
-        state = torch.cat([s.state for s in streams], dim=1)
-        out, new_state = self.net(x, state)
+        n = len(streams)
+        x = np.empty((n, CONTEXT + VAD_CHUNK), np.float32)
+        state = np.empty((STATE_SHAPE[0], n, STATE_SHAPE[2]), np.float32)
         for i, s in enumerate(streams):
-            s.state = new_state[:, i:i + 1].clone()
-            s.context = x[i:i + 1, -CONTEXT:].clone()
-        return [float(p) for p in out[:, 0]]
+            x[i, :CONTEXT] = s.context
+            x[i, CONTEXT:] = s.next_chunk()
+            state[:, i] = s.state
+        out, new_state = self.net(torch.from_numpy(x), torch.from_numpy(state))
+        kept = new_state.numpy()
+        for i, s in enumerate(streams):
+            s.state = kept[:, i]
+            s.context = x[i, -CONTEXT:]
+        return out[:, 0].tolist()
 
     def run(self, streams: list[VadStream]) -> list[list[float]]:
         """All whole chunks pending in each stream, in rounds of one batch -> probabilities per stream."""

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from typing import Any
+
+import orjson
 
 from telephony.streams.events import DtmfIn, MarkIn, WireError
 
 #: Largest text frame accepted (characters). A 20 ms media frame is about 300; this leaves room
-#: for big `start` frames (custom parameters) while refusing megabyte frames before json.loads.
+#: for big `start` frames (custom parameters) while refusing megabyte frames before parsing.
 MAX_FRAME_CHARS = 256 * 1024
 #: Largest decoded media payload (bytes): 64 KiB is 8 s of u-law or 2 s of 16 kHz L16.
 MAX_PAYLOAD_BYTES = 64 * 1024
@@ -40,8 +41,8 @@ def load_frame(text: str | bytes, carrier: str) -> tuple[str, dict[str, Any]]:
     if len(text) > MAX_FRAME_CHARS:
         raise WireError(f"{carrier}: frame of {len(text)} characters is over the {MAX_FRAME_CHARS} limit")
     try:
-        obj = json.loads(text)
-    except (ValueError, RecursionError) as e:
+        obj = orjson.loads(text)  # two frames per 20 ms per call: orjson, not json (about 5x)
+    except orjson.JSONDecodeError as e:  # also nesting over 1024 levels
         raise WireError(f"{carrier}: frame is not valid JSON ({str(e)[:80]})") from None
     if not isinstance(obj, dict):
         raise WireError(f"{carrier}: frame must be a JSON object, not {type(obj).__name__}")
@@ -137,8 +138,8 @@ def encode_payload(data: bytes) -> str:
 
 
 def dump(obj: dict[str, Any]) -> str:
-    """One compact JSON text frame."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    """One compact JSON text frame (UTF-8, not ASCII-escaped)."""
+    return orjson.dumps(obj).decode()
 
 
 DTMF_DIGITS = frozenset("0123456789*#ABCD")

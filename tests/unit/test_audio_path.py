@@ -29,6 +29,28 @@ def test_resampler_is_stateful_and_keeps_duration():
     assert np.abs(np.diff(out[100:-100])).max() < 0.2
 
 
+def test_call_rate_ratios_take_the_polyphase_path_and_keep_tone_level_phase_and_length():
+    """8/16/24/48 kHz: whatever the packet size, the same samples out (no state lost at packet
+    boundaries), exactly up/down as many, a tone at its level, and what the lower rate cannot
+    carry removed (no aliasing)."""
+    for rin, rout in [(8000, 24000), (16000, 24000), (24000, 16000), (24000, 8000), (48000, 24000)]:
+        r = Resampler(rin, rout)
+        assert r._poly is not None
+        tone = (0.5 * np.sin(2 * np.pi * 1000 * np.arange(rin) / rin)).astype(np.float32)
+        whole = r(tone)
+        r2 = Resampler(rin, rout)
+        packets = np.concatenate([r2(tone[i:i + 7 * 48]) for i in range(0, rin, 7 * 48)])
+        n = min(len(whole), len(packets))
+        np.testing.assert_allclose(whole[:n], packets[:n], atol=1e-5)
+        assert abs(len(packets) - rout) <= rout // rin + 1 and len(whole) == rout
+        mid = whole[rout // 10:-rout // 10]
+        assert abs(np.sqrt(2 * np.mean(mid ** 2)) - 0.5) < 0.005
+        if rout < rin:  # a tone just above the new Nyquist frequency is gone
+            high = (0.5 * np.sin(2 * np.pi * 0.6 * rout * np.arange(rin) / rin)).astype(np.float32)
+            assert np.sqrt(np.mean(Resampler(rin, rout)(high)[rout // 10:] ** 2)) < 1e-3
+    assert Resampler(44100, 24000)._poly is None  # any other ratio: libswresample
+
+
 def test_capture_feeds_the_session_at_24k():
     s = session()
     cap = Capture(s, 16000)
