@@ -113,6 +113,9 @@ def test_l16_refuses_odd_lengths_and_unknown_orders():
 
 def test_float_to_int16_rounds_and_clips():
     assert float_to_int16(np.array([1.0, -1.0, 0.5, 1.5 / 32768], np.float32)).tolist() == [32767, -32768, 16384, 2]
+    # what a broken model frame may hold: NaN is silence, infinities and overs the full scale
+    odd = np.array([np.nan, np.inf, -np.inf, 3.0, -3.0], np.float32)
+    assert float_to_int16(odd).tolist() == [0, 32767, -32768, 32767, -32768]
 
 
 def test_codecs_are_cheap_enough_for_every_packet():
