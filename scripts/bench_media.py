@@ -21,7 +21,11 @@ tick), for comparing its step time with `bench_calls.py --vad` at the same numbe
 
 Each row also gives the engine's step time over the window (median and p99, from the server's
 `personaplex_engine_step_seconds` histogram: read as the upper edge of the bucket they fall in,
-5 ms resolution from 30 to 80 ms).
+5 ms resolution from 30 to 80 ms), and the steady window's own counts from the server's
+/metrics: caller audio dropped and lost, late frames, engine overruns and playout underruns
+between every call being answered and the first hang-up (the `call_end` totals include the
+calls' start, where N simultaneous prompts are the engine's work, not the media plane's).
+`--json FILE` writes the rows with every call's `call_end` line.
 """
 
 from __future__ import annotations
@@ -154,7 +158,7 @@ def start_callers(transport: str, srv, calls: int, seconds: float, tmp: Path) ->
 
         ulaw = tmp / "caller-ulaw.wav"
         if not ulaw.exists():
-            write_wav(tmp / "caller8k.wav", 8000, 20)
+            write_wav(tmp / "caller8k.wav", 8000, seconds + 5)
             subprocess.run(["sox", str(tmp / "caller8k.wav"), "-e", "u-law", str(ulaw)], check=True)
         sipp = Sipp(srv.sip_port, SCENARIOS / "uac_call.xml", "1001", tmp,
                     {"@RTP_FILE@": str(ulaw), 'milliseconds="4000"': f'milliseconds="{int(seconds * 1000)}"'},
@@ -163,8 +167,8 @@ def start_callers(transport: str, srv, calls: int, seconds: float, tmp: Path) ->
         return sipp.proc
     rate = 48000 if transport == "webrtc" else 8000
     wav = tmp / f"caller{rate}.wav"
-    if not wav.exists():
-        write_wav(wav, rate, 20)
+    if not wav.exists():  # as long as the call: a WebRTC caller's track ends with its file
+        write_wav(wav, rate, seconds + 5)
     token = srv.twilio_token if transport == "twilio" else srv.telnyx_token
     cmd = [sys.executable, __file__, "--caller", transport, "--url", srv.ws_url if transport != "webrtc" else srv.url,
            "--token", token or "", "--calls", str(calls), "--seconds", str(seconds), "--wav", str(wav)]
@@ -239,7 +243,7 @@ def run_transport(srv, transport: str, calls: int, seconds: float, tmp: Path, id
     starts_before = len([ln for ln in srv.lines() if ln.get("event") == "call_start"])
     callers = start_callers(transport, srv, calls, seconds, tmp)
     # steady state: every call answered (its first agent frame out) and a second in; until a
-    # second before the first hang-up
+    # few seconds before the first hang-up
     answered_before = scrape(srv).get(ANSWERED, 0.0)
     poll(lambda: len([ln for ln in srv.lines() if ln.get("event") == "call_start"]) - starts_before,
          lambda n: n >= calls, 60, step=0.2)
