@@ -15,6 +15,7 @@ filter's ripple, and about the same delay (a millisecond or two).
 
 from __future__ import annotations
 
+import functools
 from math import gcd
 
 import av
@@ -24,6 +25,25 @@ MAX_FACTOR = 6  # up or down factor beyond which (after reduction) PyAV resample
 HALF_WIDTH = 16  # filter half-length in samples of the lower rate
 KAISER_BETA = 9.0
 CUTOFF = 0.97  # of the lower rate's Nyquist frequency
+
+
+@functools.lru_cache(maxsize=None)
+def polyphase_filter(up: int, down: int) -> np.ndarray:
+    """The (window, up) filter matrix of `Polyphase`, made once per ratio (read-only, shared by
+    every stream: each call, each VAD stream and each barge-in's fresh playout resampler)."""
+    taps = 2 * HALF_WIDTH * max(down, up) // up  # input samples one output depends on
+    n = taps * up  # the prototype low-pass, at the up-sampled rate
+    fc = CUTOFF / (2 * max(up, down))  # cycles per up-sampled sample
+    m = np.arange(n) - (n - 1) / 2
+    h = 2 * fc * np.sinc(2 * fc * m) * np.kaiser(n, KAISER_BETA) * up
+    # phase p of the filter, oldest input first: rev[p, k] = h[p + (taps - 1 - k) * up]
+    rev = h[np.arange(up)[:, None] + (taps - 1 - np.arange(taps))[None, :] * up]
+    g = np.zeros((taps + down - 1, up), np.float32)
+    for q in range(up):  # output q of a block: up-sampled time q*down from the block's start
+        offset, phase = divmod(q * down, up)
+        g[offset:offset + taps, q] = rev[phase]
+    g.setflags(write=False)
+    return g
 
 
 class Polyphase:
@@ -37,20 +57,9 @@ class Polyphase:
 
     def __init__(self, up: int, down: int):
         self.up, self.down = up, down
-        taps = 2 * HALF_WIDTH * max(down, up) // up  # input samples one output depends on
-        n = taps * up  # the prototype low-pass, at the up-sampled rate
-        fc = CUTOFF / (2 * max(up, down))  # cycles per up-sampled sample
-        m = np.arange(n) - (n - 1) / 2
-        h = 2 * fc * np.sinc(2 * fc * m) * np.kaiser(n, KAISER_BETA) * up
-        # phase p of the filter, oldest input first: rev[p, k] = h[p + (taps - 1 - k) * up]
-        rev = h[np.arange(up)[:, None] + (taps - 1 - np.arange(taps))[None, :] * up]
-        self.window = taps + down - 1  # input samples one block of `up` outputs reads
-        g = np.zeros((self.window, up), np.float32)
-        for q in range(up):  # output q of a block: up-sampled time q*down from the block's start
-            offset, phase = divmod(q * down, up)
-            g[offset:offset + taps, q] = rev[phase]
-        self._g = g
-        self._buf = np.zeros(taps - 1, np.float32)  # history (and a partial block) not yet used
+        self._g = polyphase_filter(up, down)
+        self.window = len(self._g)  # input samples one block of `up` outputs reads
+        self._buf = np.zeros(self.window - down, np.float32)  # history (and a partial block) not yet used
 
     def __call__(self, pcm: np.ndarray) -> np.ndarray:
         buf = np.concatenate((self._buf, pcm))

@@ -183,18 +183,6 @@ def ends_of(srv, endpoint: str, skip: set[str]) -> list[dict]:
             and ln.get("call_id") not in skip]
 
 
-def scrape(srv) -> dict[str, float]:
-    """The ops /metrics page as {series: value} (each labelled series under its full name)."""
-    from tests.support.server import http_text
-
-    out = {}
-    for line in http_text(srv.ops_url + "/metrics").splitlines():
-        if line.startswith("personaplex_"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
-
-
 def step_histogram(metrics: dict[str, float]) -> dict[float, float]:
     """The engine step histogram's cumulative bucket counts {upper edge: count}."""
     out = {}
@@ -238,6 +226,7 @@ def step_quantiles(before: dict[float, float], after: dict[float, float]) -> tup
 
 def run_transport(srv, transport: str, calls: int, seconds: float, tmp: Path, idle_pct: float) -> dict:
     from tests.support import poll
+    from tests.support.server import scrape
 
     skip = {ln["call_id"] for ln in ends_of(srv, transport, set())}
     starts_before = len([ln for ln in srv.lines() if ln.get("event") == "call_start"])

@@ -62,7 +62,7 @@ class VadStream:
 
     resample: Resampler = field(default_factory=lambda: Resampler(SAMPLE_RATE, VAD_RATE))
     pending: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
-    state: np.ndarray = field(default_factory=lambda: np.zeros(STATE_SHAPE[::2], np.float32))  # (2, 128)
+    state: np.ndarray = field(default_factory=lambda: np.zeros((STATE_SHAPE[0], STATE_SHAPE[2]), np.float32))
     context: np.ndarray = field(default_factory=lambda: np.zeros(CONTEXT, np.float32))
     arrived: list[np.ndarray] = field(default_factory=list)  # 24 kHz packets not yet resampled
 

@@ -41,7 +41,7 @@ def load_frame(text: str | bytes, carrier: str) -> tuple[str, dict[str, Any]]:
     if len(text) > MAX_FRAME_CHARS:
         raise WireError(f"{carrier}: frame of {len(text)} characters is over the {MAX_FRAME_CHARS} limit")
     try:
-        obj = orjson.loads(text)  # two frames per 20 ms per call: orjson, not json (about 5x)
+        obj = orjson.loads(text)  # a frame every 20 ms per call: orjson, not json (about 5x)
     except orjson.JSONDecodeError as e:  # also nesting over 1024 levels
         raise WireError(f"{carrier}: frame is not valid JSON ({str(e)[:80]})") from None
     if not isinstance(obj, dict):

@@ -36,14 +36,21 @@ def http_text(url: str) -> str:
         return r.read().decode()
 
 
+def scrape(srv: "ServerProcess") -> dict[str, float]:
+    """Every sample of the server's /metrics as {`name{labels}` exactly as exposed: value}."""
+    out = {}
+    for line in http_text(srv.ops_url + "/metrics").splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
 def metric(srv: "ServerProcess", sample: str) -> float:
     """The value of one Prometheus sample (`name{labels}` exactly as exposed), 0 when absent:
     tests compare values before and after what they do, so they do not depend on what ran
     before them on the same server."""
-    for line in http_text(srv.ops_url + "/metrics").splitlines():
-        if line.startswith(sample + " "):
-            return float(line.split()[-1])
-    return 0.0
+    return scrape(srv).get(sample, 0.0)
 
 
 #: Environment a test server must not inherit: with them, `model.source: auto` (the demo config)
