@@ -43,6 +43,25 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.flaky(reruns=REALTIME_RERUNS, reruns_delay=1))
 
 
+#: (test, what its failed attempt said) for every rerun: `-rR` lists only the names
+_RERUN_FAILURES: list[tuple[str, str]] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.outcome == "rerun":
+        _RERUN_FAILURES.append((report.nodeid, report.longreprtext))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """A rerun that passed is a timing margin worth looking at, so its first failure is printed
+    (the last lines of it) where a CI log keeps it."""
+    if _RERUN_FAILURES:
+        terminalreporter.section("first failure of each rerun test")
+        for nodeid, text in _RERUN_FAILURES:
+            terminalreporter.write_line(f"--- {nodeid}")
+            terminalreporter.write_line("\n".join(text.splitlines()[-40:]))
+
+
 @pytest.fixture(autouse=True)
 def _structlog_config_per_test():
     """A command run in-process (`personas check` sets level error) configures structlog for the
