@@ -51,17 +51,6 @@ class ModelConfig(_Strict):
     cpu_threads: int = Field(0, ge=0, le=1024)
 
 
-class SamplingConfig(_Strict):
-    greedy: bool = False
-    temp_audio: float = Field(0.8, ge=0, le=5)
-    temp_text: float = Field(0.7, ge=0, le=5)
-    topk_audio: int = Field(250, ge=0)
-    topk_text: int = Field(25, ge=0)
-
-    def to_params(self) -> SamplingParams:
-        return SamplingParams(**self.model_dump())
-
-
 class BargeInSettings(_Strict):
     enabled: bool = True
     vad_threshold: float = Field(0.5, gt=0, lt=1)
@@ -95,7 +84,7 @@ class EngineConfig(_Strict):
     max_latency_ms: float = Field(400.0, ge=80, le=5000)
     prefill_batch: int = Field(4, ge=1, le=64)  # calls whose prompts are prefilled in one forward
     prewarm: bool = True  # load every persona's voice (encode custom wavs) before their first call
-    sampling: SamplingConfig = SamplingConfig()
+    sampling: SamplingParams = SamplingParams()
     barge_in: BargeInSettings = BargeInSettings()
 
     def to_scheduler_config(self) -> SchedulerConfig:
@@ -107,7 +96,7 @@ class EngineConfig(_Strict):
             reprime_keep_s=self.reprime_keep_s, reprime_parallel=self.reprime_parallel,
             idle_timeout_s=self.idle_timeout_s, retry_after_s=self.retry_after_s,
             max_latency_ms=self.max_latency_ms, prefill_batch=self.prefill_batch,
-            barge_in=self.barge_in.to_config(), default_sampling=self.sampling.to_params())
+            barge_in=self.barge_in.to_config(), default_sampling=self.sampling)
 
 
 class PersonasConfig(_Strict):

@@ -20,7 +20,6 @@ the step's.
 
 from __future__ import annotations
 
-import dataclasses
 import queue
 import threading
 import time
@@ -284,7 +283,7 @@ class Scheduler:
         persona = sess.persona
         sampling = persona.sampling(self.config.default_sampling)
         sess.log.info("call_start", direction=sess.direction, voice=persona.voice,
-                      sampling=dataclasses.asdict(sampling))
+                      sampling=sampling.model_dump())
         self.starts.submit(StartRequest(binding, persona.voice, prompt, sampling, seed, variables))
 
     def place_call(self, persona: Persona, number: str, endpoint: str, seed: int | None = None,

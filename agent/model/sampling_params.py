@@ -1,25 +1,32 @@
-"""A call's sampling settings, on their own so that config and persona parsing (server/config.py,
-agent/personas/schema.py) can name them without importing torch: those modules run in the unit
-tests and the config checker, which load no model."""
+"""A call's sampling settings: their one model, defaults and bounds.
+
+The server's `sampling:` section (server/config.py), a persona's `sampling:` overrides
+(agent/personas/schema.py) and the engine all use this model, so a default or a bound is
+written once. On its own module so that config and persona parsing can name it without
+importing torch: those run in the unit tests and the config checker, which load no model."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pydantic import BaseModel, ConfigDict, Field
 
 
-@dataclass(frozen=True)
-class SamplingParams:
+class SamplingParams(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     greedy: bool = False
-    temp_audio: float = 0.8
-    temp_text: float = 0.7
-    topk_audio: int = 250
-    topk_text: int = 25
+    temp_audio: float = Field(0.8, ge=0, le=5)
+    temp_text: float = Field(0.7, ge=0, le=5)
+    topk_audio: int = Field(250, ge=0)
+    topk_text: int = Field(25, ge=0)
 
     @property
     def samples(self) -> bool:
         return not self.greedy
 
     def replace(self, **changes) -> "SamplingParams":
-        from dataclasses import replace
+        """These settings with `changes` (None: unchanged), validated like any other."""
+        return SamplingParams.model_validate({**self.model_dump(), **{k: v for k, v in changes.items() if v is not None}})
 
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+#: the setting names (persona files, the playground's form)
+SAMPLING_FIELDS = tuple(SamplingParams.model_fields)

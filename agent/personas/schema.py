@@ -16,10 +16,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from agent.personas import templates as templating
 from agent.personas.numbers import normalize_number
 from agent.personas.safe_yaml import Located
-from agent.model.sampling_params import SamplingParams
+from agent.model.sampling_params import SAMPLING_FIELDS, SamplingParams
 
 KINDS = ("service", "assistant", "casual", "prompt")
 COMMON_FIELDS = {"id", "kind", "numbers", "voice", "sampling", "transfer", "default", "description", "variables",
@@ -38,7 +40,6 @@ REQUIRED = {
     "casual": (),
     "prompt": ("prompt",),
 }
-SAMPLING_FIELDS = {"temp_audio": float, "temp_text": float, "topk_audio": int, "topk_text": int, "greedy": bool}
 TRANSFER_FIELDS = {"target", "dtmf"}
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _ID = ID_RE
@@ -316,22 +317,7 @@ def parse_persona(path: Path, fields: dict[str, Located], doc_line: int, voices:
         if not isinstance(s, dict):
             c.err("sampling", "must be a mapping, e.g. {temp_audio: 0.8, topk_text: 25}")
         else:
-            for k, v in s.items():
-                want = SAMPLING_FIELDS.get(k)
-                if want is None:
-                    close = difflib.get_close_matches(str(k), list(SAMPLING_FIELDS), n=1)
-                    hint = f"; did you mean '{close[0]}'?" if close else ""
-                    c.err("sampling", f"unknown setting '{k}'{hint}; allowed: {', '.join(SAMPLING_FIELDS)}")
-                elif want is bool and not isinstance(v, bool):
-                    c.err("sampling", f"'{k}' must be true or false")
-                elif want is not bool and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                    c.err("sampling", f"'{k}' must be a number")
-                elif want is int and (v != int(v) or v < 0):
-                    c.err("sampling", f"'{k}' must be a whole number >= 0")
-                elif want is float and not 0 <= v <= 5:
-                    c.err("sampling", f"'{k}' must be between 0 and 5")
-                else:
-                    overrides[k] = want(v)
+            overrides = _sampling_overrides(s, c)
 
     transfer = None
     if "transfer" in fields:
@@ -370,6 +356,24 @@ def parse_persona(path: Path, fields: dict[str, Located], doc_line: int, voices:
                       variables=declared, templates=templates, browser=browser, direction=direction)
     default_prompt = persona.render().text if templates is not None else render_prompt(kind, kf)
     return replace(persona, prompt=default_prompt)
+
+
+def _sampling_overrides(given: dict, c: _Checker) -> dict[str, Any]:
+    """A persona's `sampling:` settings, checked by the engine's own model (`SamplingParams`:
+    its names, types and bounds); strict, so "0.8" or `yes` is an error, not a number."""
+    try:
+        checked = SamplingParams.model_validate(given, strict=True)
+    except ValidationError as exc:
+        for e in exc.errors():
+            k = str(e["loc"][0]) if e["loc"] else ""
+            if e["type"] == "extra_forbidden":
+                close = difflib.get_close_matches(k, SAMPLING_FIELDS, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                c.err("sampling", f"unknown setting '{k}'{hint}; allowed: {', '.join(SAMPLING_FIELDS)}")
+            else:
+                c.err("sampling", f"'{k}': {e['msg'][0].lower()}{e['msg'][1:]}")
+        return {}
+    return {k: getattr(checked, k) for k in given}
 
 
 def _variables(c: _Checker) -> dict[str, str]:

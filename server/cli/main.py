@@ -37,11 +37,14 @@ def open_model(args: argparse.Namespace):
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
+    from agent.model.sampling_params import SamplingParams
+
     g = p.add_argument_group("sampling")
-    g.add_argument("--temp-audio", type=float, default=0.8)
-    g.add_argument("--temp-text", type=float, default=0.7)
-    g.add_argument("--topk-audio", type=int, default=250)
-    g.add_argument("--topk-text", type=int, default=25)
+    d = SamplingParams()  # the defaults' one place
+    g.add_argument("--temp-audio", type=float, default=d.temp_audio)
+    g.add_argument("--temp-text", type=float, default=d.temp_text)
+    g.add_argument("--topk-audio", type=int, default=d.topk_audio)
+    g.add_argument("--topk-text", type=int, default=d.topk_text)
     g.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
     g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
 
@@ -50,9 +53,13 @@ def cmd_offline(args: argparse.Namespace) -> int:
     from agent.offline.evaluate import offline_files
     from agent.model.sampling import SamplingParams
 
+    try:
+        sampling = SamplingParams(greedy=args.greedy, temp_audio=args.temp_audio, temp_text=args.temp_text,
+                                  topk_audio=args.topk_audio, topk_text=args.topk_text)
+    except ValueError as exc:  # pydantic's ValidationError: a bound the model sets
+        err = exc.errors()[0]
+        raise SystemExit(f"error: --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
     model = open_model(args)
-    sampling = SamplingParams(greedy=args.greedy, temp_audio=args.temp_audio, temp_text=args.temp_text,
-                              topk_audio=args.topk_audio, topk_text=args.topk_text)
     seed = None if args.seed is None or args.seed < 0 else args.seed
     offline_files(model, args.input_wav, args.output_wav, args.output_text, args.voice_prompt, args.text_prompt,
                   sampling, seed, tokens_out=args.tokens_out, progress=sys.stderr.isatty(),

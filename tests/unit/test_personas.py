@@ -129,6 +129,11 @@ def test_other_field_errors(tmp_path):
         "kind: robot\nvoice: NATF0\n": "unknown kind 'robot'",
         "kind: assistant\nrole: x\nvoice: NATF0\nnumbers: ['12ab']\n": "not a phone number",
         "kind: assistant\nrole: x\nvoice: NATF0\nnumbers: ['1']\nsampling: {temp_audoi: 1}\n": "did you mean 'temp_audio'",
+        # the engine's own bounds and types (SamplingParams), strictly: a quoted number is not one
+        "kind: assistant\nrole: x\nvoice: NATF0\nnumbers: ['1']\nsampling: {temp_audio: 6}\n": "'temp_audio': input should be less than or equal to 5",
+        "kind: assistant\nrole: x\nvoice: NATF0\nnumbers: ['1']\nsampling: {temp_text: '0.5'}\n": "'temp_text': input should be a valid number",
+        "kind: assistant\nrole: x\nvoice: NATF0\nnumbers: ['1']\nsampling: {topk_text: true}\n": "'topk_text': input should be a valid integer",
+        "kind: assistant\nrole: x\nvoice: NATF0\nnumbers: ['1']\nsampling: {greedy: 1}\n": "'greedy': input should be a valid boolean",
         "kind: assistant\nrole: x\nvoice: NATF0\nnumbers: ['1']\ntransfer: {target: bob, dtmf: '0'}\n": "SIP URI",
         "kind: assistant\nrole: x\nvoice: NATF0\nnumbers: ['1']\ntransfer: {target: 'sip:a@b', dtmf: '00'}\n": "one key",
         "kind: assistant\nrole: x\nvoice: NATF0\nnumbers: ['1']\ncompany: A\n": "does not apply to kind 'assistant'",
