@@ -51,18 +51,6 @@ class ModelConfig(_Strict):
     cpu_threads: int = Field(0, ge=0, le=1024)
 
 
-class BargeInSettings(_Strict):
-    enabled: bool = True
-    vad_threshold: float = Field(0.5, gt=0, lt=1)
-    min_speech_ms: int = Field(160, ge=0, le=5000)
-    agent_guard_ms: int = Field(300, ge=0, le=5000)
-    agent_active_dbfs: float = Field(-42.0, le=0)
-    agent_release_ms: int = Field(240, ge=0, le=5000)
-
-    def to_config(self) -> BargeInConfig:
-        return BargeInConfig(**self.model_dump())
-
-
 class EngineConfig(_Strict):
     max_calls: int = Field(4, ge=1, le=1024)
     # unset: 3600 s with reprime (a runaway call still ends), 230 s with hangup/slide (before the
@@ -85,7 +73,7 @@ class EngineConfig(_Strict):
     prefill_batch: int = Field(4, ge=1, le=64)  # calls whose prompts are prefilled in one forward
     prewarm: bool = True  # load every persona's voice (encode custom wavs) before their first call
     sampling: SamplingParams = SamplingParams()
-    barge_in: BargeInSettings = BargeInSettings()
+    barge_in: BargeInConfig = BargeInConfig()
 
     def to_scheduler_config(self) -> SchedulerConfig:
         from agent.calls.scheduler import SchedulerConfig
@@ -96,7 +84,7 @@ class EngineConfig(_Strict):
             reprime_keep_s=self.reprime_keep_s, reprime_parallel=self.reprime_parallel,
             idle_timeout_s=self.idle_timeout_s, retry_after_s=self.retry_after_s,
             max_latency_ms=self.max_latency_ms, prefill_batch=self.prefill_batch,
-            barge_in=self.barge_in.to_config(), default_sampling=self.sampling)
+            barge_in=self.barge_in, default_sampling=self.sampling)
 
 
 class PersonasConfig(_Strict):

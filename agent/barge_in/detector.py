@@ -9,19 +9,22 @@ before the agent started (the caller had the floor) is never taken for echo.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 
-@dataclass(frozen=True)
-class BargeInConfig:
+class BargeInConfig(BaseModel):
+    """The detector's settings: their one model, defaults and bounds (the server's `barge_in:`
+    config section is this model)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     enabled: bool = True
-    vad_threshold: float = 0.5
-    min_speech_ms: int = 160
-    agent_guard_ms: int = 300
-    agent_active_dbfs: float = -42.0  # agent frames louder than this count as "speaking"
-    agent_release_ms: int = 240  # agent counts as silent after this long below the threshold
+    vad_threshold: float = Field(0.5, gt=0, lt=1)
+    min_speech_ms: int = Field(160, ge=0, le=5000)
+    agent_guard_ms: int = Field(300, ge=0, le=5000)
+    agent_active_dbfs: float = Field(-42.0, le=0)  # agent frames louder than this count as "speaking"
+    agent_release_ms: int = Field(240, ge=0, le=5000)  # agent counts as silent after this long below the threshold
 
 
 class BargeInDetector:
