@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from agent.barge_in.detector import BargeInConfig
 from agent.errors import AgentError
-from agent.model.sampling_params import SamplingParams
+from agent.calls.settings import CallSettings
 from agent.personas.safe_yaml import UniqueKeyLoader
 
 if TYPE_CHECKING:  # the scheduler imports torch: config checks and unit tests load no model
@@ -51,40 +50,16 @@ class ModelConfig(_Strict):
     cpu_threads: int = Field(0, ge=0, le=1024)
 
 
-class EngineConfig(_Strict):
-    max_calls: int = Field(4, ge=1, le=1024)
-    # unset: 3600 s with reprime (a runaway call still ends), 230 s with hangup/slide (before the
-    # 240 s context is full); null: no limit
-    max_call_seconds: float | None = Field(3600.0, gt=0)
-    # reprime: before the context is full, the call's model state is rebuilt from its prompt and
-    # its latest `reprime_keep_s` of conversation (agent/calls/reprime.py); hangup: ends the call at the
-    # context; slide: goes on, the prompt falling out of what the model sees
-    context_policy: Literal["reprime", "hangup", "slide"] = "reprime"
-    # conversation a re-prime keeps; null: what leaves a third of the context free (checked
-    # against the model's context when the engine starts)
-    reprime_keep_s: float | None = Field(None, gt=0)
-    # rebuilds running at once (calls that started together cross the context together); each
-    # holds one extra row of KV cache on the device while it runs (about 2/3 of a context)
-    reprime_parallel: int = Field(4, ge=1, le=64)
-    idle_timeout_s: float = Field(20.0, gt=0)
-    retry_after_s: int = Field(5, ge=1)
-    # caller audio waits at most this long for the engine; older audio is dropped (and counted)
-    max_latency_ms: float = Field(400.0, ge=80, le=5000)
-    prefill_batch: int = Field(4, ge=1, le=64)  # calls whose prompts are prefilled in one forward
+class EngineConfig(CallSettings):
+    """The `engine:` section: the call service's settings (`agent.calls.settings`: defaults and
+    bounds there) and what the server does before the first call."""
+
     prewarm: bool = True  # load every persona's voice (encode custom wavs) before their first call
-    sampling: SamplingParams = SamplingParams()
-    barge_in: BargeInConfig = BargeInConfig()
 
     def to_scheduler_config(self) -> SchedulerConfig:
         from agent.calls.scheduler import SchedulerConfig
 
-        max_call_seconds = self.max_call_seconds if "max_call_seconds" in self.model_fields_set else "auto"
-        return SchedulerConfig(
-            max_calls=self.max_calls, max_call_seconds=max_call_seconds, context_policy=self.context_policy,
-            reprime_keep_s=self.reprime_keep_s, reprime_parallel=self.reprime_parallel,
-            idle_timeout_s=self.idle_timeout_s, retry_after_s=self.retry_after_s,
-            max_latency_ms=self.max_latency_ms, prefill_batch=self.prefill_batch,
-            barge_in=self.barge_in, default_sampling=self.sampling)
+        return SchedulerConfig(**self.call_settings())
 
 
 class PersonasConfig(_Strict):

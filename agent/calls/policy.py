@@ -15,12 +15,14 @@ from agent.timebase import frames_for
 
 @dataclass(frozen=True)
 class PolicyConfig:
+    """What the policy needs of the call settings (`agent.calls.settings`: the defaults)."""
+
     context: int  # model frames the context holds
     # "reprime": re-primed before the limit (`agent.calls.reprime`), sliding only if a rebuild missed it;
     # "hangup" at the context limit; or "slide" (the prompt falls out)
-    context_policy: str = "reprime"
-    max_call_seconds: float | None = 3600.0
-    idle_timeout_s: float = 20.0
+    context_policy: str
+    max_call_seconds: float | None
+    idle_timeout_s: float
 
 
 class CallPolicy:

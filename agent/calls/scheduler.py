@@ -23,13 +23,11 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import structlog
 
-from agent.barge_in.detector import BargeInConfig
 from agent.calls.commands import run_pending
 from agent.model.engine import Engine, SlotOutput
 from agent.errors import CallRefused  # noqa: F401  (CallRefused raised here; importers may name it here)
@@ -44,6 +42,8 @@ from agent.calls.reprime import ReprimeConfig, ReprimeLane, Reprimed
 from agent.model.sampling import SamplingParams
 from agent.calls.binding import CallBinding
 from agent.calls.session import CallSession
+from agent.calls.settings import CallSettings
+from agent.barge_in.detector import BargeInConfig
 from agent.calls.starts import StartLane, StartRequest
 from agent.calls.transcript import TranscriptPiece
 from agent.timebase import FRAME, FRAME_S, SAMPLE_RATE
@@ -59,36 +59,15 @@ PHASE_MARGIN_S = 0.025  # caller audio kept ahead of the tick: more than a 20 ms
 PHASE_STEP_S = 0.005  # the tick moves at most this much earlier per tick
 
 
-@dataclass
-class SchedulerConfig:
-    max_calls: int = 4
+class SchedulerConfig(CallSettings):
+    """The operator's settings (`CallSettings`, the server's `engine:` section) plus what only code
+    and tests set."""
+
     tick_s: float = FRAME_S
     realtime: bool = True  # False: step as fast as possible (benchmarks, long-call tests)
-    # "auto": 3600 s with reprime (a runaway call still ends), 230 s otherwise (before the context
-    # is full); None: no limit
-    max_call_seconds: float | None | str = "auto"
-    # "reprime" (the prompt and the latest frames rebuilt before the context is full),
-    # "hangup" at the context limit, or "slide" (the prompt falls out)
-    context_policy: str = "reprime"
-    reprime_keep_s: float | None = None  # conversation a re-prime keeps; None: a third of the context free
-    reprime_parallel: int = 4  # rebuilds at once (one extra KV row each on the device)
     outbound_depth: int = 2
-    max_latency_ms: float = 400.0  # caller audio older than this is dropped (counted)
-    idle_timeout_s: float = 20.0
-    retry_after_s: int = 5
-    prefill_batch: int = 4  # calls prefilled together in one forward
     inbound_wait_ticks: int = 2  # ticks a call waits for its caller frame before hearing silence
     allow_voice_paths: bool = True  # persona files are trusted configuration
-    barge_in: BargeInConfig = field(default_factory=BargeInConfig)
-    default_sampling: SamplingParams = field(default_factory=SamplingParams)
-
-    def __post_init__(self):
-        if self.context_policy not in ("reprime", "hangup", "slide"):
-            raise ValueError("context_policy must be 'reprime', 'hangup' or 'slide'")
-        if self.max_call_seconds == "auto":
-            self.max_call_seconds = 3600.0 if self.context_policy == "reprime" else 230.0
-        if self.max_calls < 1:
-            raise ValueError("max_calls must be at least 1")
 
 
 class Scheduler:
@@ -100,7 +79,7 @@ class Scheduler:
         self.metrics = metrics or Metrics()
         self.metrics.capacity.set(cfg.max_calls)
         self.transcriber = BatchedTranscriber(stt, cfg.max_calls) if stt is not None else None
-        self.engine = Engine(model, cfg.max_calls, cfg.default_sampling,
+        self.engine = Engine(model, cfg.max_calls, cfg.sampling,
                              caller_codebooks=stt.codebooks if stt is not None else None)
         self._wake = threading.Event()  # a start was prepared: prefill it before the next tick
         self.starts = StartLane(self.engine, cfg.prefill_batch, cfg.allow_voice_paths,
@@ -281,7 +260,7 @@ class Scheduler:
         if binding is None:  # hung up before it started
             return
         persona = sess.persona
-        sampling = persona.sampling(self.config.default_sampling)
+        sampling = persona.sampling(self.config.sampling)
         sess.log.info("call_start", direction=sess.direction, voice=persona.voice,
                       sampling=sampling.model_dump())
         self.starts.submit(StartRequest(binding, persona.voice, prompt, sampling, seed, variables))

@@ -40,13 +40,13 @@ class SipLeg(CallLeg):
     can_transfer = True
 
     def __init__(self, call: "SipCall", admitted: AdmittedCall):
-        self.sip, self.call_id = call.endpoint, call.getId()
-        endpoint, call_id = self.sip, self.call_id
+        self.sip, self.call_id = call.transport, call.getId()
+        sip, call_id = self.sip, self.call_id
 
         def hop(ev) -> None:  # engine/VAD thread -> SIP thread, by call id
-            endpoint.post(lambda: endpoint.with_call(call_id, lambda c: c.leg.on_event(ev)))
-        ports = endpoint.ports
-        super().__init__(admitted, endpoint=NAME, metrics=endpoint.metrics, in_rate=ports.rate, out_rate=ports.rate,
+            sip.post(lambda: sip.with_call(call_id, lambda c: c.leg.on_event(ev)))
+        ports = sip.ports
+        super().__init__(admitted, endpoint=NAME, metrics=sip.metrics, in_rate=ports.rate, out_rate=ports.rate,
                          out_packet=ports.samples, hop=hop)
         self._call = weakref.ref(call)
 
@@ -74,14 +74,14 @@ class SipLeg(CallLeg):
     def start_transfer(self, target: str) -> None:
         # after the current callback returns, so the request that carried the digit (INFO) is
         # answered before the REFER goes out
-        endpoint, call_id = self.sip, self.call_id
-        endpoint.post(lambda: endpoint.with_call(call_id, lambda c: c.start_transfer(target)))
+        sip, call_id = self.sip, self.call_id
+        sip.post(lambda: sip.with_call(call_id, lambda c: c.start_transfer(target)))
 
 
 class SipCall(pj.Call):
-    def __init__(self, endpoint, account, call_id: int):
+    def __init__(self, transport, account, call_id: int):
         super().__init__(account, call_id)
-        self.endpoint = endpoint
+        self.transport = transport  # telephony.sip.transport.SipTransport
         self.leg: SipLeg | None = None
         self.port: CallAudioPort | None = None
         self.answered = False
@@ -150,7 +150,7 @@ class SipCall(pj.Call):
                 if self.leg.transfer_pending:
                     reason = EndReason.TRANSFERRED
                 self.leg.hangup(reason)
-            self.endpoint.forget(self)
+            self.transport.forget(self)
 
     def onCallMediaState(self, prm) -> None:
         ci = self.getInfo()
@@ -172,12 +172,12 @@ class SipCall(pj.Call):
     def release_port(self) -> None:
         """Give the port back to the pool (call ended: pjsua has removed its stream's slot)."""
         if self.port is not None:
-            self.endpoint.ports.release(self.port)
+            self.transport.ports.release(self.port)
             self.port = None
 
     def _connect(self, index: int) -> None:
         if self.port is None:
-            self.port = self.endpoint.ports.acquire()
+            self.port = self.transport.ports.acquire()
             self._underruns_seen, self._overruns_seen, _ = self.port.counters()
         self.port.connect(self.getAudioMedia(index).getPortId())
 
@@ -197,7 +197,7 @@ class SipCall(pj.Call):
     def _refused(self, event: str, method: str, reason: str, status: int) -> None:
         """Log (no URI, no number: they are the caller's data) and count one refused request."""
         (self.session.log if self.session is not None else log).warning(event, method=method, status=status)
-        self.endpoint.metrics.sip_refused_requests.labels(method=method, reason=reason).inc()
+        self.transport.metrics.sip_refused_requests.labels(method=method, reason=reason).inc()
 
     def onCallTransferRequest(self, prm) -> None:
         """A REFER inside the call: whoever can send into the dialog asks the agent to place a
@@ -247,7 +247,7 @@ class SipCall(pj.Call):
             return
         if isinstance(got, Refusal):
             self.ticket, self.hold = None, None
-            self.endpoint.refuse_held(self, got)
+            self.transport.refuse_held(self, got)
             return
         port = self.port
         if port is None:

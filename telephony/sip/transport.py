@@ -50,12 +50,12 @@ def _quietly(fn) -> None:
 
 
 class _Account(pj.Account):
-    def __init__(self, endpoint: "SipTransport"):
+    def __init__(self, transport: "SipTransport"):
         super().__init__()
-        self.endpoint = endpoint
+        self.transport = transport
 
     def onIncomingCall(self, prm) -> None:
-        self.endpoint.incoming(self, prm)
+        self.transport.incoming(self, prm)
 
     def onRegState(self, prm) -> None:
         info = self.getInfo()

@@ -6,14 +6,16 @@ into `telephony.streams.events` events and back. Everything else is here, the sa
 - `start` -> the shared admission service (route by the `persona` parameter, else the dialled
   number); a refused call is closed with a close code from `admission.WS_CLOSE` and a reason;
 - caller audio -> the call leg (reordered first when the carrier does not guarantee order);
-- agent audio -> `media` frames of 20 ms, paced to real time, a `mark` after each agent frame so
-  we know what the caller has heard, and never more than about 100 ms ahead of what the carrier
-  reports played (once it echoes marks);
+- agent audio -> `media` frames of 40 ms (both carriers take any length; half the frames of
+  20 ms ones halves the send loop's share of the interpreter, measured in the README's capacity
+  section), paced to real time, a `mark` after each agent frame so we know what the caller has
+  heard, and never more than about 100 ms ahead of what the carrier reports played (once it
+  echoes marks);
 - barge-in -> `clear` (the carrier drops what it buffered);
 - `stop` or a closed socket ends the call, and no media frame for `media_timeout_s` ends it with
   `media_timeout`; the agent hangs up by closing the socket;
 - every slot busy and the call queue has room (`queue.max_waiting`): the stream stays open and
-  the caller hears hold audio (`media` frames at the same 20 ms pace, the carrier's codec and
+  the caller hears hold audio (`media` frames at the same 40 ms pace, the carrier's codec and
   rate; nothing reaches the model) while its ticket is polled every packet; once admitted the
   call starts like any other; `stop` or a closed socket while waiting leaves the queue
   (abandoned); a ticket refused (over `max_wait_s`, the agent draining) closes the socket as a
@@ -49,9 +51,10 @@ from telephony.streams.wire import MAX_FRAME_CHARS
 
 log = structlog.get_logger(__name__)
 
-PACKET_S = 0.020  # carriers take and send 20 ms frames
-PACKETS_PER_FRAME = 4  # one agent frame (80 ms) is four of them: a mark after each
-LEAD_PACKETS = 2  # sent ahead of real time, so the carrier's playout never starves on jitter
+PACKET_S = 0.040  # what we send: carriers send 20 ms frames and take any length
+CALLER_FRAME_S = 0.020  # what carriers send (until a frame says otherwise)
+PACKETS_PER_FRAME = 2  # one agent frame (80 ms) is two of them: a mark after each
+LEAD_PACKETS = 1  # sent ahead of real time (40 ms), so the carrier's playout never starves on jitter
 MAX_AHEAD_S = 0.100  # never more than this ahead of what the carrier says it played (marks)
 MAX_BAD_FRAMES = 50  # a stream sending more malformed frames than this in a row is closed
 START_TIMEOUT_S = 5.0  # a socket without an admitted `start` by then is closed (1008)
@@ -70,7 +73,7 @@ class StreamSettings:
 
 class HeldStream:
     """A stream whose caller waits in the call queue: hold audio out at the live pace, the ticket
-    polled before every packet (a slot that frees is taken within 20 ms). It ends with the
+    polled before every packet (a slot that frees is taken within one packet, 40 ms). It ends with the
     admitted call, a refusal, or None when the caller left (`leave`)."""
 
     def __init__(self, ws: web.WebSocketResponse, proto: MediaStreamProtocol, ticket: Ticket,
@@ -127,7 +130,7 @@ class StreamLeg(CallLeg):
         self.marks_echoed = False
         self.arm_media_watch()  # media is due from the `start` on
         self.capture_rate = started.audio.rate
-        self._frame_samples = int(started.audio.rate * PACKET_S)  # until a frame says otherwise
+        self._frame_samples = int(started.audio.rate * CALLER_FRAME_S)
         self._seen_gaps = 0  # the reorderer's gaps already counted as lost
         self.sender = self.loop.create_task(self._send_loop())
 

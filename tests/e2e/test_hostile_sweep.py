@@ -39,7 +39,7 @@ CALL_S = 14.0
 # the 2-core test machine the sweep's own clients (a second WebRTC call, sipp, 150 INVITEs in a
 # second) compete with the agent for the CPU; each surface alone costs it about 4 % (measured).
 MISSED_MARGIN = 0.20
-PACKET_S, FRAME_S = 0.02, 0.08  # an underrun is one 20 ms carrier packet; a late frame is 80 ms
+PACKET_S, FRAME_S = 0.02, 0.08  # an underrun is one 20 ms WebRTC packet; a late frame is 80 ms
 RSS_LIMIT_MB = 64
 ARTIFACTS = ROOT / "artifacts"
 

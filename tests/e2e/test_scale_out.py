@@ -14,10 +14,10 @@ import re
 import signal
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.support import ROOT, free_port, poll, require, rtp_ports, speech_wav, stable_port
@@ -66,6 +66,7 @@ class Agent:
             "engine": {"max_calls": SLOTS, "retry_after_s": 2},
             "http": {"port": self.http_port},
             "sip": {"enabled": True, "port": self.sip_port, "rtp_port": self.rtp_port},
+            "twilio": {"enabled": True}, "telnyx": {"enabled": True},
             "media_timeout_s": 10,
             "drain_timeout_s": 20,
         })
@@ -438,79 +439,78 @@ def test_http_offers_spread_and_a_draining_agent_leaves_rotation(farm, caller_wa
         hap.stop()
 
 
-def test_carrier_websockets_stay_on_their_agent_and_spread_by_live_connections(tmp_path):
-    """/twilio/media and /telnyx/media WebSockets through HAProxy: each stays on its agent;
-    leastconn sends the next stream to the agent with fewer live streams; an agent marked down
-    (/readyz 503) keeps its open streams and gets no new one. Two small aiohttp stand-ins play
-    the agents (/readyz and an echo WebSocket), so only HAProxy's handling is under test."""
+def test_carrier_websockets_stay_on_their_agent_and_spread_by_live_connections(farm, caller_wav, tmp_path):
+    """Twilio and Telnyx media streams through HAProxy to the real agents: leastconn puts the
+    two streams on different agents; SIGTERM one (its /readyz turns 503): HAProxy takes it out,
+    its open stream stays on it and the caller keeps hearing the agent until it hangs up, the
+    next stream goes to the other agent, and the drained agent exits 0. Per-agent operations
+    data (/metrics) is not served through the front."""
     import aiohttp
-    from aiohttp import web
 
-    ready = {0: True, 1: True}
-    loop = asyncio.new_event_loop()
-    ports = [free_port(), free_port()]
-    runners = []
+    from tests.support.carriers import TelnyxCaller, TwilioCaller
 
-    def make_app(i):
-        async def readyz(request):
-            return web.json_response({}, status=200 if ready[i] else 503)
+    farm.ensure_up()
+    a, b = farm.agents[:2]
+    hap = HAProxy(tmp_path, [f"127.0.0.1:{a.http_port}", f"127.0.0.1:{b.http_port}"])
+    # the other agent then holds both its slots (its /readyz says 503) while the first drains
+    hap.allow(r"backend '(agents|agent_media)' has no server available")
+    ws_url = hap.url.replace("http://", "ws://", 1)
 
-        async def media(request):
-            ws = web.WebSocketResponse()
-            await ws.prepare(request)
-            async for msg in ws:
-                await ws.send_str(f"agent{i + 1}:{msg.data}")
-            return ws
-        app = web.Application()
-        app.router.add_get("/readyz", readyz)
-        app.router.add_get("/twilio/media", media)
-        app.router.add_get("/telnyx/media", media)
-        return app
+    def twilio(seconds):
+        c = TwilioCaller(ws_url + "/twilio/media", auth_token=a.srv.twilio_token,
+                         parameters={"to": "+14155550100"}, wav_or_pcm=caller_wav)
+        return c, asyncio.create_task(c.run(seconds))
 
-    async def serve():
-        for i, p in enumerate(ports):
-            r = web.AppRunner(make_app(i))
-            await r.setup()
-            await web.TCPSite(r, "127.0.0.1", p).start()
-            runners.append(r)
-    loop.run_until_complete(serve())
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    hap = HAProxy(tmp_path, [f"127.0.0.1:{p}" for p in ports])
+    def telnyx(seconds):
+        c = TelnyxCaller(ws_url + "/telnyx/media", auth_token=a.srv.telnyx_token, dialled="+14155550100",
+                         wav_or_pcm=caller_wav)
+        return c, asyncio.create_task(c.run(seconds))
+
+    def endpoints(agent):
+        return sorted(c["endpoint"] for c in agent.calls())
+
     try:
         assert hap.wait_status({"agent1": "UP", "agent2": "UP"}) is not None, hap.log_path.read_text()
+        assert hap.wait_status({"agent1": "UP", "agent2": "UP"}, backend="agent_media") is not None
 
         async def scenario():
-            async with aiohttp.ClientSession() as http:
-                async def who(ws, text="hi"):
-                    await ws.send_str(text)
-                    return (await ws.receive(timeout=5)).data.split(":")[0]
-                w1 = await http.ws_connect(hap.url + "/twilio/media")
-                w2 = await http.ws_connect(hap.url + "/telnyx/media")
-                first = [await who(w1), await who(w2)]
-                # agent of w1 marked down: w1 keeps working, a new stream goes to the other agent
-                ready[int(first[0][-1]) - 1] = False
-                down = await asyncio.get_running_loop().run_in_executor(
-                    None, hap.wait_status, {first[0]: "DOWN"}, 10)
-                w3 = await http.ws_connect(hap.url + "/twilio/media")
-                after = [await who(w1, "still"), await who(w3)]
-                async with http.get(hap.url + "/metrics") as r:
-                    metrics_status = r.status
-                for w in (w1, w2, w3):
-                    await w.close()
-                return first, down, after, metrics_status
-        first, down, after, metrics_status = asyncio.run(scenario())
-        assert sorted(first) == ["agent1", "agent2"], first  # spread by live connections
-        assert down is not None
-        assert after[0] == first[0]  # the open stream stayed on its (now down) agent
-        assert after[1] != first[0]  # the new one went to the agent in rotation
+            loop = asyncio.get_running_loop()
+
+            def wait_for(fn, ok, timeout=10):
+                return loop.run_in_executor(None, poll, fn, ok, timeout)
+
+            held, held_run = twilio(14.0)
+            assert await wait_for(lambda: len(a.calls()) + len(b.calls()), lambda n: n == 1) == 1
+            other, other_run = telnyx(5.0)
+            spread = await wait_for(lambda: [endpoints(a), endpoints(b)], lambda e: sum(map(len, e)) == 2)
+            assert sorted(spread) == [["telnyx"], ["twilio"]], spread  # one stream per agent (leastconn)
+            owner, rest = (a, b) if spread[0] == ["twilio"] else (b, a)
+            name = "agent1" if owner is a else "agent2"
+            owner.srv.proc.send_signal(signal.SIGTERM)  # the Twilio stream's agent drains
+            down_after = await loop.run_in_executor(None, hap.wait_status, {name: "DOWN"}, 10, "agent_media")
+            assert down_after is not None, hap.status("agent_media")
+            refused_before = owner.refused()
+            late, late_run = twilio(4.0)
+            assert await wait_for(lambda: endpoints(rest), lambda e: e == ["telnyx", "twilio"]) == ["telnyx", "twilio"]
+            assert owner.refused() == refused_before and endpoints(owner) == ["twilio"]  # it never saw the new one
+            # the draining agent's stream goes on: the agent's sound keeps reaching its caller
+            got = len(held.agent_pcm)
+            await asyncio.sleep(3.0)
+            new = held.agent_pcm[got:]
+            assert len(new) >= 2.5 * held.rate and float(np.sqrt(np.mean(new ** 2))) > 0.01, len(new)
+            async with aiohttp.ClientSession() as http, http.get(hap.url + "/metrics") as r:
+                metrics_status = r.status
+            await asyncio.gather(held_run, other_run, late_run)
+            return owner, held, [held, other, late], down_after, metrics_status
+
+        owner, held, callers, down_after, metrics_status = run(scenario())
+        for c in callers:
+            assert c.protocol_errors == [] and not c.closed_by_server, (c.carrier, c.protocol_errors, c.close_code)
         assert metrics_status == 403  # per-agent operations data is not served through the front
+        assert owner.srv.proc.wait(20) == 0  # its last call ended: drained, exit 0
+        (end,) = owner.call_ends("twilio")[-1:]
+        assert end["reason"] == "caller_hangup" and end["caller_peak"] > 0.05, end
+        print(f"\nHAProxy: carrier streams spread one per agent; draining agent marked DOWN for media "
+              f"{down_after:.2f} s after SIGTERM, its stream went on to the caller's stop")
     finally:
         hap.stop()
-
-        async def cleanup():
-            for r in runners:
-                await r.cleanup()
-        asyncio.run_coroutine_threadsafe(cleanup(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)

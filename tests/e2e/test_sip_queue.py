@@ -193,7 +193,7 @@ def test_held_callers_time_out_abandon_and_are_refused_503_on_sigterm(tmp_path, 
         held_s = time.monotonic() - t0
         assert waiter.closed_by_server and waiter.close_code == 1013, waiter.close_code
         assert 2.5 < held_s < 8, held_s
-        assert waiter.agent_media and all(m.samples == 160 for m in waiter.agent_media)  # hold audio
+        assert waiter.agent_media and all(m.samples == 320 for m in waiter.agent_media)  # hold audio, 40 ms
         assert not waiter.marks_received  # nothing of the agent's
         assert metric(srv, 'personaplex_queue_outcomes_total{endpoint="twilio",outcome="timed_out"}') == 1
         # hangs up on hold: CANCEL answered (200, 487), out of the queue at once

@@ -24,7 +24,7 @@ def scheduler(demo_model):
     # the server's default is sampled; no caller audio: every call hears the same silence
     sch = Scheduler(demo_model, SchedulerConfig(max_calls=1, inbound_wait_ticks=0,
                                                 barge_in=BargeInConfig(enabled=False),
-                                                default_sampling=SamplingParams()))
+                                                sampling=SamplingParams()))
     sch.start()
     try:
         assert sch.warm_up("NATF0", "Hello.")

@@ -66,3 +66,18 @@ def test_a_console_without_the_ops_token_is_warned_about():
     assert any(says in w for w in warnings(ServerConfig()))
     assert not any(says in w for w in warnings(ServerConfig.model_validate({"ops": {"token_env": "OPS_TOKEN"}})))
     assert not any(says in w for w in warnings(ServerConfig.model_validate({"console": {"enabled": False}})))
+
+
+@pytest.mark.parametrize("engine, limit", [
+    ("{}", 3600.0),  # re-prime keeps any call whole: the limit only ends a runaway one
+    ("{context_policy: hangup}", 230.0),  # without re-prime: before the 240 s context is full
+    ("{context_policy: slide}", 230.0),
+    ("{context_policy: hangup, max_call_seconds: null}", None),  # said: no limit
+    ("{context_policy: hangup, max_call_seconds: 600}", 600.0),
+])
+def test_an_unset_call_limit_follows_the_context_policy(tmp_path, engine, limit):
+    p = tmp_path / "server.yaml"
+    p.write_text(f"engine: {engine}\n")
+    cfg = load_config(p)
+    assert cfg.engine.max_call_seconds == limit
+    assert cfg.engine.call_settings()["max_call_seconds"] == limit  # what the scheduler is given
