@@ -9,7 +9,7 @@ run: setup
 
 test:
 	scripts/setup.sh --test
-	scripts/run_tests.sh --durations=15 -rsR
+	scripts/run_tests.sh --durations=15 -rsR -n 2 --dist loadfile
 
 bench: setup
 	.venv/bin/python scripts/bench_engine.py

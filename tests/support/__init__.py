@@ -6,6 +6,7 @@ loaded): `poll` is the one way to do that.
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import subprocess
@@ -35,12 +36,24 @@ def free_port(kind=socket.SOCK_STREAM) -> int:
 
 
 _STABLE_GIVEN: set[int] = set()  # never hand the same port to two servers of one test run
+#: Tests run in parallel processes (pytest-xdist, `make test`): each takes its own share of every
+#: port range, so two servers of one run never get the same port (the probe below cannot see a
+#: port another process was given and has not bound yet).
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+
+
+def _share(low: int, high: int) -> tuple[int, int]:
+    """This test process's part of [low, high)."""
+    size = (high - low) // _WORKERS
+    return low + _WORKER * size, low + (_WORKER + 1) * size
 
 
 def stable_port(low: int = 24000, high: int = 32000) -> int:
     """A port free for both UDP and TCP, below the kernel's ephemeral range (32768 up), for a
     server a test restarts on the same port: while it is down, no client's bind(0) or connect
     can take it (seen: a sipp caller got a killed agent's SIP port, and the restart failed)."""
+    low, high = _share(low, high)
     rng = random.Random()
     for _ in range(500):
         port = rng.randrange(low, high)
@@ -69,7 +82,7 @@ def rtp_ports() -> int:
     never handed out twice in one run; the first block whose first pair binds, from a random
     start (other test runs on this machine start elsewhere). pjsua takes the next free pair if
     one is busy, so a block is a starting point, not a fence."""
-    blocks = list(range(RTP_LOW, RTP_HIGH, RTP_BLOCK))
+    blocks = list(range(*_share(RTP_LOW, RTP_HIGH), RTP_BLOCK))
     first = random.randrange(len(blocks))
     for base in blocks[first:] + blocks[:first]:
         if base in _RTP_GIVEN:
