@@ -157,7 +157,11 @@ class CallLeg:
 
     def flush_far_end(self) -> None:
         """Drop agent audio already handed to the far end (its buffers, not ours: playout and
-        session drop theirs by generation)."""
+        session drop theirs by generation), and `count_flushed` what went."""
+
+    def count_flushed(self, seconds: float) -> None:
+        """Agent audio a barge-in dropped at the far end (the transport's thread)."""
+        self.session.stats.barge_in_flushed_s += max(0.0, seconds)
 
     def on_ended(self, reason: EndReason) -> None:
         self.close(reason)

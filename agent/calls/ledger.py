@@ -30,6 +30,7 @@ class Ledger:
                       caller_audio_lost_s=round(st.caller_lost_s, 3), caller_audio_lost=st.lost(),
                       barge_ins=st.barge_ins, barge_ins_suppressed=st.barge_ins_suppressed,
                       caller_peak=round(st.caller_peak, 4), playout_underruns=st.playout_underruns,
-                      underruns_after_barge_in=st.underruns_after_barge_in, engine_overruns=st.engine_overruns,
+                      underruns_after_barge_in=st.underruns_after_barge_in,
+                      barge_in_flushed_s=round(st.barge_in_flushed_s, 3), engine_overruns=st.engine_overruns,
                       answer_ticks=sess.answer_ticks, reprimes=sess.reprimes,
                       **({"queue_wait_s": sess.queue_wait_s} if sess.queue_wait_s is not None else {}))

@@ -75,6 +75,10 @@ class CallStats:
     outbound_dropped: int = 0
     playout_underruns: int = 0  # endpoint had nothing to play: the engine was late
     underruns_after_barge_in: int = 0  # endpoint had nothing to play because a barge-in flushed it
+    # agent audio already at the far end that barge-ins dropped (SIP: the port's queue; carriers:
+    # sent and not yet reported played; WebRTC: none, the track pulls each packet): the
+    # transport's thread writes it
+    barge_in_flushed_s: float = 0.0
     engine_overruns: int = 0
     barge_ins: int = 0
     barge_ins_suppressed: int = 0

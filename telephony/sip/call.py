@@ -65,7 +65,7 @@ class SipLeg(CallLeg):
     def flush_far_end(self) -> None:
         def flush(c) -> None:
             if c.port is not None:
-                c.port.drop_agent_audio()
+                self.count_flushed(c.port.drop_agent_audio() / c.port.rate)
         self._with_call(flush)
 
     def close(self, reason: EndReason) -> None:

@@ -68,7 +68,7 @@ def _library() -> ctypes.CDLL:
         "cp_read": (u, [vp, i16p, u]),
         "cp_write": (u, [vp, i16p, u]),
         "cp_queued": (u, [vp]),
-        "cp_clear": (None, [vp, ctypes.c_int]),
+        "cp_clear": (ctypes.c_int, [vp, ctypes.c_int]),
         "cp_counters": (None, [vp, ctypes.POINTER(ctypes.c_uint64)]),
         "cp_tap": (None, [vp, ctypes.c_double]),
         "cp_tap_read": (u, [vp, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_double), u]),
@@ -131,9 +131,9 @@ class CallAudioPort:
         """Agent samples queued and not yet sent."""
         return self._lib.cp_queued(self._p)
 
-    def drop_agent_audio(self) -> None:
-        """A barge-in: what the caller was about to hear goes."""
-        self._lib.cp_clear(self._p, 2)
+    def drop_agent_audio(self) -> int:
+        """A barge-in: what the caller was about to hear goes (returns how many samples)."""
+        return self._lib.cp_clear(self._p, 2)
 
     def drop_caller_audio(self) -> None:
         self._lib.cp_clear(self._p, 1)

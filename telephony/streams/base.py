@@ -194,6 +194,7 @@ class StreamLeg(CallLeg):
     def flush_far_end(self) -> None:
         # the carrier plays out what it buffered unless told; it then echoes every pending mark
         self.loop.create_task(self.send(self.proto.encode_clear()))
+        self.count_flushed(self.ahead_s())  # as far as its marks tell
         self.frames_heard = self.frames_sent
         self.marks.clear()
 

@@ -285,6 +285,10 @@ def test_call_speech_both_ways_barge_in_and_hang_up(driver, fake, one_utterance)
     assert loud_again - t_barge > 1.0, "the old turn went on after the barge-in"
     if driver.transport in ("twilio", "telnyx"):
         assert driver.clears == end["barge_ins"]  # the carrier dropped what it had buffered
+    if driver.transport == "sip":  # and the SIP port's queue towards the caller (two packets, standing)
+        assert end["barge_in_flushed_s"] > 0, end  # the timing bound alone cannot tell 16 ms from 40
+    if driver.transport == "webrtc":
+        assert end["barge_in_flushed_s"] == 0  # nothing queued past the playout: the track pulls each packet
 
 
 @pytest.mark.parametrize("driver", TRANSPORTS, indirect=True)

@@ -92,8 +92,10 @@ def test_a_barge_in_drops_what_is_queued_and_the_tap_sees_it_go_quiet(bridge):
     a.write(tone)
     wait_for(lambda: a.queued() < len(tone) - 2 * SAMPLES)
     t_drop = time.time()
-    a.drop_agent_audio()
+    queued = a.queued()
+    dropped = a.drop_agent_audio()
     assert a.queued() == 0
+    assert 0 < dropped <= queued  # what it dropped, for the call's barge_in_flushed_s
     time.sleep(0.1)
     events = a.tap_events()
     assert [loud for loud, _ in events][-2:] == [True, False]

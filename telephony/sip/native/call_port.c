@@ -203,12 +203,15 @@ unsigned cp_queued(cp_port *p) {
     return n;
 }
 
-/* Drop what is queued: 1 the caller's samples, 2 the agent's (a barge-in), 3 both. */
-void cp_clear(cp_port *p, int which) {
+/* Drop what is queued: 1 the caller's samples, 2 the agent's (a barge-in), 3 both. Returns the
+ * agent samples dropped (what a barge-in kept the caller from hearing). */
+int cp_clear(cp_port *p, int which) {
+    int dropped = 0;
     pthread_mutex_lock(&p->lock);
     if (which & 1) { p->in.head = 0; p->in.len = 0; }
-    if (which & 2) { p->out.head = 0; p->out.len = 0; }
+    if (which & 2) { dropped = (int)p->out.len; p->out.head = 0; p->out.len = 0; }
     pthread_mutex_unlock(&p->lock);
+    return dropped;
 }
 
 /* Counters that only grow: [underrun frames, overrun samples, caller frames]. */
