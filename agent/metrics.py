@@ -8,6 +8,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 STEP_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.035, 0.04, 0.045, 0.05, 0.055, 0.06, 0.065, 0.07, 0.075, 0.08,
                 0.1, 0.15, 0.25, 0.5, 1.0)
 ANSWER_BUCKETS = (0.02, 0.05, 0.08, 0.1, 0.16, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0)
+#: how late the engine thread wakes for its tick: the interpreter lock it waits for is shared
+#: with every transport thread, so this is where a busy media plane would show in the engine
+TICK_LATE_BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.04, 0.08)
 REPRIME_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 
 
@@ -25,6 +28,9 @@ class Metrics:
         self.capacity = Gauge("personaplex_capacity_calls", "Configured maximum of concurrent calls", registry=r)
         self.step_seconds = Histogram("personaplex_engine_step_seconds", "Engine time per 80 ms frame",
                                       buckets=STEP_BUCKETS, registry=r)
+        self.tick_late_seconds = Histogram("personaplex_tick_late_seconds",
+                                           "How late the engine thread woke for its 80 ms tick",
+                                           buckets=TICK_LATE_BUCKETS, registry=r)
         self.prefill_seconds = Histogram("personaplex_prefill_seconds",
                                          "Time from a prefill's start to its rows being in their slots",
                                          buckets=STEP_BUCKETS, registry=r)

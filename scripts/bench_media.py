@@ -21,7 +21,9 @@ tick), for comparing its step time with `bench_calls.py --vad` at the same numbe
 
 Each row also gives the engine's step time over the window (median and p99, from the server's
 `personaplex_engine_step_seconds` histogram: read as the upper edge of the bucket they fall in,
-5 ms resolution from 30 to 80 ms), and the steady window's own counts from the server's
+5 ms resolution from 30 to 80 ms), how late the engine thread woke for its ticks against the
+idle server (`personaplex_tick_late_seconds`: 0.5 ms resolution below 2 ms; it waits for the
+interpreter lock the transports also take), and the steady window's own counts from the server's
 /metrics: caller audio dropped and lost, late frames, engine overruns and playout underruns
 between every call being answered and the first hang-up (the `call_end` totals include the
 calls' start, where N simultaneous prompts are the engine's work, not the media plane's).
@@ -183,12 +185,12 @@ def ends_of(srv, endpoint: str, skip: set[str]) -> list[dict]:
             and ln.get("call_id") not in skip]
 
 
-def step_histogram(metrics: dict[str, float]) -> dict[float, float]:
-    """The engine step histogram's cumulative bucket counts {upper edge: count}."""
+def step_histogram(metrics: dict[str, float], name: str = "personaplex_engine_step_seconds") -> dict[float, float]:
+    """A histogram's cumulative bucket counts {upper edge: count} (the engine step's by default)."""
     out = {}
-    for name, v in metrics.items():
-        if name.startswith("personaplex_engine_step_seconds_bucket{"):
-            le = name.split('le="', 1)[1].split('"', 1)[0]
+    for sample, v in metrics.items():
+        if sample.startswith(name + "_bucket{"):
+            le = sample.split('le="', 1)[1].split('"', 1)[0]
             out[float("inf") if le == "+Inf" else float(le)] = v
     return out
 
@@ -210,8 +212,11 @@ def window_counts(before: dict[str, float], after: dict[str, float]) -> dict[str
     return {key: round(total(after, name) - total(before, name), 3) for key, name in WINDOW_COUNTERS.items()}
 
 
+TICK_LATE = "personaplex_tick_late_seconds"  # how late the engine thread woke for each tick
+
+
 def step_quantiles(before: dict[float, float], after: dict[float, float]) -> tuple[int, float, float]:
-    """(steps in the window, median, p99) in ms: the upper edge of the bucket each falls in."""
+    """(observations in the window, median, p99) in ms: the upper edge of the bucket each falls in."""
     edges = sorted(after)
     counts = [after[e] - before.get(e, 0.0) for e in edges]
     n = counts[-1] if counts else 0
@@ -246,6 +251,7 @@ def run_transport(srv, transport: str, calls: int, seconds: float, tmp: Path, id
     s, c = server.stop(), caller.stop()
     metrics1 = scrape(srv)
     steps = step_quantiles(step_histogram(metrics0), step_histogram(metrics1))
+    tick_late = step_quantiles(step_histogram(metrics0, TICK_LATE), step_histogram(metrics1, TICK_LATE))
     window = window_counts(metrics0, metrics1)
     try:
         out, _ = callers.communicate(timeout=seconds + 90)
@@ -265,6 +271,7 @@ def run_transport(srv, transport: str, calls: int, seconds: float, tmp: Path, id
         "lost_s": round(sum(e.get("caller_audio_lost_s", 0) for e in ends), 3) if ends and "caller_audio_lost_s" in ends[0] else None,
         "reasons": sorted({e["reason"] for e in ends}),
         "steps": steps,
+        "tick_late": tick_late,
         "window": window,
         "callers_out": (out or "")[-300:] if transport != "sip" else "",
         "call_ends": ends,  # every call's `call_end` line (--json)
@@ -280,6 +287,10 @@ def print_row(tree: str, r: dict) -> None:
     print(" " * 17 + "threads: " + ", ".join(f"{k} {v:.1f}%" for k, v in top))
     n, p50, p99 = r["steps"]
     print(" " * 17 + f"engine step: median <= {p50:.0f} ms, p99 <= {p99:.0f} ms ({n} steps)")
+    if r["tick_late"][0]:  # a tree that has the histogram
+        n, p50, p99 = r["tick_late"]
+        print(" " * 17 + f"tick woke late: median <= {p50:.1f} ms, p99 <= {p99:.1f} ms ({n} ticks; "
+              f"idle server: {r['idle_tick_late'][1]:.1f} / {r['idle_tick_late'][2]:.1f} ms)")
     w = r["window"]
     print(" " * 17 + f"steady window: dropped {w['drop_s']:.2f} s, lost {w['lost_s']:.2f} s, late frames "
           f"{w['late']:.0f}, engine overruns {w['overruns']:.0f}, playout underruns {w['underruns']:.0f}")
@@ -287,7 +298,7 @@ def print_row(tree: str, r: dict) -> None:
 
 def bench_tree(name: str, tree: Path, args, tmp: Path) -> list[dict]:
     from agent.model.demo import default_cache_dir
-    from tests.support.server import ServerProcess
+    from tests.support.server import ServerProcess, scrape
 
     d = tmp / name
     d.mkdir()
@@ -305,12 +316,14 @@ def bench_tree(name: str, tree: Path, args, tmp: Path) -> list[dict]:
     try:
         srv.wait_ready(180)
         idle = CpuWindow([srv.proc.pid])
+        m0 = scrape(srv)
         idle.start()
-        time.sleep(3)
+        time.sleep(8)  # 100 ticks: how late the engine wakes with no call up
         idle_pct = idle.stop()["pct"]
+        idle_late = step_quantiles(step_histogram(m0, TICK_LATE), step_histogram(scrape(srv), TICK_LATE))
         print(f"{name:>8}    idle server {idle_pct:.1f}% of a core ({tree})", flush=True)
         for t in args.transports:
-            r = run_transport(srv, t, args.calls, args.seconds, d, idle_pct)
+            r = dict(run_transport(srv, t, args.calls, args.seconds, d, idle_pct), idle_tick_late=idle_late)
             print_row(name, r)
             rows.append(r)
             sys.stdout.flush()

@@ -532,6 +532,7 @@ class Scheduler:
                 if next_tick - time.monotonic() < -cfg.tick_s:
                     next_tick = time.monotonic()  # fell behind: do not burst to catch up
                 self._wait_for_tick(next_tick)
+                self.metrics.tick_late_seconds.observe(max(0.0, time.monotonic() - next_tick))
             elif not self.engine.busy() and not self.starts.busy:
                 time.sleep(0.005)
 
