@@ -225,6 +225,21 @@ def test_no_caller_audio_lost_across_a_stalled_tick(make_scheduler, personas):
     assert sess.stats.catch_up_steps >= 2  # the stall's backlog was stepped through, not trimmed
 
 
+def test_how_late_the_engine_wakes_for_its_tick_is_measured(make_scheduler):
+    """Every tick's wake-up, calls or not, goes into personaplex_tick_late_seconds (what
+    bench_media compares with transports busy against an idle server); a stalled engine thread
+    shows there as lateness."""
+    sch = make_scheduler(warm=False, max_calls=1)
+
+    def late(what: str) -> float:
+        return sch.metrics.registry.get_sample_value(f"personaplex_tick_late_seconds_{what}") or 0.0
+    assert wait_for(lambda: late("count") >= 3, 5)  # no call up: measured all the same
+    before = late("sum")
+    sch._cmds.put(lambda: time.sleep(0.12))  # the engine thread held up for longer than a tick
+    sch._wake.set()
+    assert wait_for(lambda: late("sum") - before >= 0.03, 5), late("sum") - before
+
+
 def test_late_caller_audio_is_silence_then_caught_up(make_scheduler, personas):
     """A frame that has not arrived by its tick: the model hears silence then, and hears the
     audio itself as soon as it arrives (a catch-up step), not a tick per frame later."""
