@@ -58,24 +58,60 @@ def test_stream_resamples_24k_and_runs_whole_chunks(vad, spoken_wav):
     assert max(vad.run([quiet])[0]) < 0.3
 
 
-def test_the_worker_runs_every_call_in_one_batch_per_chunk_time(spoken_wav):
-    """Packets of 8 calls, each call's 20 ms packet at its own moment (as transports deliver
-    them): every chunk is judged, and in rounds of about one per chunk's time (32 ms) with the
-    calls batched, not in a forward per call per packet."""
-    import time
-
+def _live_sessions(n: int):
     from agent.barge_in.detector import BargeInConfig
-    from agent.barge_in.vad import VadVerdicts, VadWorker
     from agent.calls.events import CallState
     from agent.calls.session import CallSession
     from agent.personas.schema import Persona
 
     persona = Persona(id="p", kind="prompt", numbers=("1",), voice="NATF0", prompt="Hi.", source="p.yaml")
     sessions = []
-    for _ in range(8):
+    for _ in range(n):
         s = CallSession(persona, "1", "test", BargeInConfig(enabled=False))
         s.set_state(CallState.LIVE)
         sessions.append(s)
+    return sessions
+
+
+def test_audio_in_lumps_costs_one_forward_a_round(spoken_wav):
+    """The SIP port hands a call's audio over once per engine tick (80 ms: two and a half
+    chunks). Each round is still one forward of every call (the lump is worked off over the next
+    rounds), not two or three forwards of a part of the calls; and every whole chunk is judged,
+    the last ones too after the audio stops."""
+    import time
+
+    from agent.barge_in.vad import VadVerdicts, VadWorker
+
+    sessions = _live_sessions(6)
+    speech = read_audio(spoken_wav, 24000)[: 48000]
+    worker = VadWorker(VadVerdicts(lambda s: None, lambda s: None))
+    worker.start()
+    try:
+        assert worker.wait_loaded()
+        t0 = time.monotonic()
+        for k, i in enumerate(range(0, len(speech), 1920)):
+            for j, s in enumerate(sessions):  # each call's tick at its own moment
+                worker.audio(s, speech[i:i + 1920])
+                time.sleep(0.08 / len(sessions))
+            time.sleep(max(0.0, t0 + (k + 1) * 0.08 - time.monotonic()))
+        time.sleep(0.4)
+    finally:
+        worker.stop()
+    per_call = len(speech) * 2 // 3 // VAD_CHUNK
+    assert worker.chunks >= 6 * (per_call - 1), (worker.chunks, per_call)
+    assert worker.forwards <= worker.rounds * 1.1, (worker.forwards, worker.rounds)
+    assert worker.rounds * 4 <= worker.chunks, (worker.rounds, worker.chunks)
+
+
+def test_the_worker_runs_every_call_in_one_batch_per_chunk_time(spoken_wav):
+    """Packets of 8 calls, each call's 20 ms packet at its own moment (as transports deliver
+    them): every chunk is judged, and in rounds of about one per chunk's time (32 ms) with the
+    calls batched, not in a forward per call per packet."""
+    import time
+
+    from agent.barge_in.vad import VadVerdicts, VadWorker
+
+    sessions = _live_sessions(8)
     speech = read_audio(spoken_wav, 24000)[: 24000]
     worker = VadWorker(VadVerdicts(lambda s: None, lambda s: None))
     worker.start()
