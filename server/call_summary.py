@@ -72,6 +72,7 @@ def transfer(sess: CallSession) -> dict | None:
 
 def live_call(sess: CallSession, last_segments: int = 3) -> dict:
     """A call in progress, as the call list and the live stream's first event show it."""
+    segments, pieces = sess.transcript.snapshot(last_segments)
     st = sess.stats
     return {"call_id": sess.call_id, "persona": sess.persona.id, "endpoint": sess.endpoint,
             "direction": sess.direction,
@@ -83,4 +84,4 @@ def live_call(sess: CallSession, last_segments: int = 3) -> dict:
             "caller_audio_dropped_s": round(st.caller_dropped_s, 3),
             "caller_audio_lost_s": round(st.caller_lost_s, 3), "caller_audio_lost": st.lost(),
             "playout_underruns": st.playout_underruns,
-            "barge_ins": st.barge_ins, "transcript": sess.transcript.last(last_segments)}
+            "barge_ins": st.barge_ins, "transcript": segments, "transcript_pieces": pieces}

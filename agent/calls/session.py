@@ -25,6 +25,7 @@ still holds from an older generation.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import math
 import threading
@@ -329,8 +330,9 @@ class CallSession:
     def said(self, piece: TranscriptPiece) -> None:
         """A piece of either side's words: into the call's transcript, then to listeners (a piece
         after the call's end is neither: see `Transcript.close`)."""
-        if self.transcript.add(piece):
-            self.emit(piece)
+        n = self.transcript.add(piece)
+        if n:
+            self.emit(dataclasses.replace(piece, n=n))
 
     @property
     def outbound_depth(self) -> int:

@@ -36,9 +36,10 @@ class TranscriptPiece:
     t0: float
     t1: float
     text: str
+    n: int = 0  # its number in the call's transcript (1, 2, ...; both sides), set when kept
 
     def as_dict(self) -> dict:
-        return {"who": self.who, "t0": round(self.t0, 2), "t1": round(self.t1, 2), "text": self.text}
+        return {"who": self.who, "t0": round(self.t0, 2), "t1": round(self.t1, 2), "text": self.text, "n": self.n}
 
 
 @dataclass
@@ -64,24 +65,27 @@ class Transcript:
         self.closed = False
         self.late = 0  # pieces that came after `close`
 
-    def add(self, piece: TranscriptPiece) -> bool:
-        """Keep a piece; False when it is not kept (empty, or the transcript is closed)."""
+    def add(self, piece: TranscriptPiece) -> int:
+        """Keep a piece: its number (1, 2, ...), or 0 when it is not kept (empty, or the
+        transcript is closed). Numbers, not times, tell a live reader which pieces a snapshot
+        already holds: the caller's pieces of the recogniser's first `delay_s` all carry the
+        call's first instant."""
         if not piece.text:
-            return False
+            return 0
         with self._lock:
             if self.closed:
                 self.late += 1
-                return False
+                return 0
             self.pieces += 1
             seg = self._open.get(piece.who)
             if seg is not None and piece.t0 - seg.t1 <= SEGMENT_GAP_S and self._segments[-1] is seg:
                 seg.text += piece.text
                 seg.t1 = max(seg.t1, piece.t1)
-                return True
+                return self.pieces
             seg = Segment(piece.who, piece.t0, piece.t1, piece.text)
             self._segments.append(seg)
             self._open[piece.who] = seg
-            return True
+            return self.pieces
 
     def close(self) -> None:
         """No more pieces: what the call's record and webhook carry is final."""
@@ -96,6 +100,13 @@ class Transcript:
     def last(self, n: int) -> list[dict]:
         """The last `n` segments (a call list's preview)."""
         return self.segments()[-n:] if n > 0 else []
+
+    def snapshot(self, n: int) -> tuple[list[dict], int]:
+        """The last `n` segments and how many pieces they were made of so far, read together (a
+        live reader skips the pieces numbered up to that)."""
+        with self._lock:
+            segments = [s.as_dict() for s in sorted(self._segments, key=lambda s: s.t0)]
+            return (segments[-n:] if n > 0 else []), self.pieces
 
 
 __all__ = ["SEGMENT_GAP_S", "Segment", "Transcript", "TranscriptPiece", "Who"]

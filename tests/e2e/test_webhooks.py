@@ -155,10 +155,11 @@ async def until(cond, timeout: float, step: float = 0.05):
 
 def streamed(stream: EventStream, who: str) -> str:
     """One side's words as a live reader got them (no whitespace): the first event's transcript so
-    far, then the pieces after its last segment of that side."""
-    snapshot = stream.events[0]["transcript"]
-    last = max((s["t1"] for s in snapshot if s["who"] == who), default=-1.0)
-    return joined(snapshot, who) + joined([p for p in stream.of("transcript") if p["t1"] > last], who)
+    far, then the pieces numbered after the ones it holds (README: the event stream)."""
+    first = stream.events[0]
+    pieces = stream.of("transcript")
+    assert [p["n"] for p in pieces] == sorted({p["n"] for p in pieces}), "pieces out of order or repeated"
+    return joined(first["transcript"], who) + joined([p for p in pieces if p["n"] > first["transcript_pieces"]], who)
 
 
 def joined(pieces: list[dict], who: str) -> str:

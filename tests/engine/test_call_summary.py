@@ -81,6 +81,26 @@ def test_the_transcript_closes_at_the_end_and_documents_agree():
     assert kinds == [("dtmf", 1.6), ("transfer", 1.6), ("transfer_failed", 1.6)]
 
 
+def test_a_live_reader_tells_the_snapshots_pieces_by_number_not_time():
+    """The caller's pieces of the recogniser's first delay all carry the call's first instant: a
+    reader that subscribed between two of them must still get the second (README: the event
+    stream's `transcript_pieces` and `n`)."""
+    sess = session()
+    events = live(sess, 2, 0.0, 0.1, {0: " Hi"})
+    sess.said(TranscriptPiece("caller", 0.08, 0.16, " 2"))
+    snapshot = call_summary.live_call(sess, last_segments=1_000_000)  # what a reader gets first
+    sess.said(TranscriptPiece("caller", 0.08, 0.16, "at"))  # same times, after the snapshot
+    sess.said(TranscriptPiece("caller", 0.08, 0.16, ""))  # empty: not kept, no number used
+    sess.said(TranscriptPiece("agent", 0.16, 0.24, " there"))
+    pieces = [event_json(e) for e in events if isinstance(e, TranscriptPiece)]
+    assert [(p["who"], p["text"], p["n"]) for p in pieces] == [
+        ("agent", " Hi", 1), ("caller", " 2", 2), ("caller", "at", 3), ("agent", " there", 4)]
+    assert snapshot["transcript_pieces"] == 2
+    new = [p for p in pieces if p["n"] > snapshot["transcript_pieces"]]
+    assert [p["text"] for p in new] == ["at", " there"]  # by t1 ("at" is not after 0.16) it was lost
+    assert call_summary.live_call(sess)["transcript_pieces"] == 4
+
+
 def test_keep_false_leaves_the_words_out():
     sess = session()
     live(sess, 3, 0.0, 0.1, {0: " secret", 1: " words"})

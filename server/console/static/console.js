@@ -69,10 +69,10 @@ function addSegment(list, seg) {
 }
 // Live pieces join the speaker's current line; pieces the first snapshot already held are
 // skipped (README "Live calls": a piece whose t1 is not after that side's last t1 in it).
-const seen = {agent: -1, caller: -1};
+let seen = 0;  // the transcript's pieces already shown (the snapshot's transcript_pieces, then each piece's n)
 function addPiece(list, p) {
-  if (p.t1 <= (seen[p.who] ?? -1)) return;
-  seen[p.who] = p.t1;
+  if (p.n <= seen) return;
+  seen = p.n;
   const last = list.lastElementChild;
   if (last && last.className === p.who) last.textContent += p.text;
   else addSegment(list, p);
@@ -99,9 +99,10 @@ async function viewCall(id) {
   (d.events || []).forEach((e) => addEvent(evs, e));
   stream = new EventSource("/console/api/calls/" + encodeURIComponent(id) + "/events");
   stream.addEventListener("call", (e) => {
-    tr.replaceChildren(); seen.agent = seen.caller = -1;
+    tr.replaceChildren();
     const c = JSON.parse(e.data); $("#call-state").textContent = c.state;
-    (c.transcript || []).forEach((s) => { addSegment(tr, s); seen[s.who] = Math.max(seen[s.who] ?? -1, s.t1); });
+    (c.transcript || []).forEach((s) => addSegment(tr, s));
+    seen = c.transcript_pieces || 0;
   });
   stream.addEventListener("transcript", (e) => addPiece(tr, JSON.parse(e.data)));
   stream.addEventListener("state", (e) => { $("#call-state").textContent = JSON.parse(e.data).state; });
