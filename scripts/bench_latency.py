@@ -71,13 +71,13 @@ def install_taps() -> None:
         INS.append((time.monotonic(), frame.to_ndarray().reshape(-1) / 32768.0))
         return real_frame_in(self, frame)
     leg.CallLeg.audio_in, leg.CallLeg.frame_in = audio_in, frame_in
-    real_recv = tracks.AgentAudioTrack.recv
+    real_next = tracks.AgentAudioTrack.next_pcm
 
-    async def recv(self):
-        frame = await real_recv(self)
-        OUTS.append((time.monotonic(), frame.to_ndarray().reshape(-1) / 32768.0))
-        return frame
-    tracks.AgentAudioTrack.recv = recv
+    async def next_pcm(self):
+        pts, pcm = await real_next(self)
+        OUTS.append((time.monotonic(), pcm))
+        return pts, pcm
+    tracks.AgentAudioTrack.next_pcm = next_pcm
     real_pump = sipcall.SipCall.pump
     loud = np.ones(1, dtype=np.float32)
     wall_to_mono = time.monotonic() - time.time()

@@ -1,4 +1,12 @@
-"""The agent's voice as an aiortc audio track: 20 ms packets at 48 kHz, paced in real time."""
+"""The agent's voice as an aiortc audio track: 40 ms packets at 48 kHz, paced in real time.
+
+When the answer says Opus (every browser offers it first), the track hands aiortc Opus packets
+it encoded itself, mono, instead of PCM frames. aiortc takes either (`RTCRtpSender` packs an
+`av.Packet` as it is); for a frame it measures the audio level with numpy and sends it through
+the event loop's thread pool to a stereo encoder, a thread hop per packet that was most of a
+WebRTC call's send path. Any other codec (G.711 from a client that offers only that) gets
+frames, encoded by aiortc as before.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +15,53 @@ import fractions
 import av
 import numpy as np
 from aiortc import MediaStreamTrack
+from aiortc.mediastreams import MediaStreamError
+from aiortc.sdp import SessionDescription
 
+from telephony.audio.codecs import float_to_int16
 from telephony.audio.edge import Playout
 from telephony.audio.pacer import Pacer
 
 RATE = 48000
-PACKET = 960  # 20 ms
+PACKET = 1920  # 40 ms: half the RTP packets of 20 ms (aiortc's send path is Python per packet)
+TIME_BASE = fractions.Fraction(1, RATE)
+OPUS_BITRATE = 48000  # mono speech, fullband: well above what a voice needs, a third of aiortc's 96 kb/s stereo
+
+
+def answered_audio_codec(sdp: str) -> str | None:
+    """The codec our answer sends audio with (aiortc's sender takes the first one negotiated),
+    as a lower-case MIME type ("audio/opus"), or None without an audio section."""
+    for media in SessionDescription.parse(sdp).media:
+        if media.kind == "audio" and media.rtp.codecs:
+            return media.rtp.codecs[0].mimeType.lower()
+    return None
+
+
+class OpusPackets:
+    """Mono Opus packets of PACKET samples, stamped with the track's own timestamps."""
+
+    def __init__(self) -> None:
+        c = av.CodecContext.create("libopus", "w")
+        c.bit_rate = OPUS_BITRATE
+        c.format = "s16"
+        c.layout = "mono"
+        c.sample_rate = RATE
+        c.time_base = TIME_BASE
+        c.options = {"application": "voip", "frame_duration": str(1000 * PACKET // RATE)}
+        self.codec = c
+
+    def encode(self, s16: np.ndarray, pts: int) -> av.Packet:
+        frame = av.AudioFrame.from_ndarray(s16[None, :], format="s16", layout="mono")
+        frame.sample_rate = RATE
+        frame.pts = pts
+        frame.time_base = TIME_BASE
+        packets = self.codec.encode(frame)
+        # libopus gives one packet per frame (its look-ahead shows only as a pts 312 samples early):
+        # stamp it with the frame's own time so that RTP timestamps follow the pacer
+        packet = packets[0] if len(packets) == 1 else av.Packet(b"".join(bytes(p) for p in packets))
+        packet.pts = pts
+        packet.time_base = TIME_BASE
+        return packet
 
 
 class AgentAudioTrack(MediaStreamTrack):
@@ -22,17 +71,27 @@ class AgentAudioTrack(MediaStreamTrack):
         super().__init__()
         self.playout = playout
         self._pacer = Pacer(PACKET / RATE)
+        self._opus: OpusPackets | None = None
 
-    async def recv(self) -> av.AudioFrame:
-        if self.readyState != "live":
-            from aiortc.mediastreams import MediaStreamError
+    def sends(self, codec: str | None) -> None:
+        """The negotiated codec (`answered_audio_codec`): Opus is encoded here, anything else by
+        aiortc."""
+        self._opus = OpusPackets() if codec == "audio/opus" else None
 
-            raise MediaStreamError
+    async def next_pcm(self) -> tuple[int, np.ndarray]:
+        """The next packet's timestamp and agent audio (float32 at RATE), at its time."""
         pts = await self._pacer.wait() * PACKET  # continuous through a stall (re-anchored, no burst)
-        pcm = self.playout.next_packet()
-        s16 = (np.clip(pcm, -1.0, 1.0) * 32767).astype(np.int16)
+        return pts, self.playout.next_packet()
+
+    async def recv(self) -> av.AudioFrame | av.Packet:
+        if self.readyState != "live":
+            raise MediaStreamError
+        pts, pcm = await self.next_pcm()
+        s16 = float_to_int16(pcm)
+        if self._opus is not None:
+            return self._opus.encode(s16, pts)
         frame = av.AudioFrame.from_ndarray(s16[None, :], format="s16", layout="mono")
         frame.sample_rate = RATE
         frame.pts = pts
-        frame.time_base = fractions.Fraction(1, RATE)
+        frame.time_base = TIME_BASE
         return frame

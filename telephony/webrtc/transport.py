@@ -30,12 +30,13 @@ from telephony.webrtc.offer import drop_mdns_candidates
 from telephony.webrtc.playground import Playground
 from telephony.webrtc.protocol import send, PageDtmf, PageHangup, decode_page_message, encode_event, hello
 from telephony.transport import TransportContext
-from telephony.webrtc.tracks import PACKET, RATE, AgentAudioTrack
+from telephony.webrtc.tracks import PACKET, RATE, AgentAudioTrack, answered_audio_codec
 from telephony.webrtc.held import HeldCaller
 
 log = structlog.get_logger(__name__)
 STATIC = Path(__file__).parent / "static"
 NAME = "webrtc"
+CALLER_PACKET_S = 0.020  # what browsers send (Opus's default frame): a packet the network lost
 
 
 class WebRtcLeg(CallLeg):
@@ -108,7 +109,7 @@ class WebRtcLeg(CallLeg):
                         if getattr(st, "type", None) == "inbound-rtp":
                             lost += max(int(st.packetsLost or 0), 0)
             if lost > seen_lost:
-                self.count_lost(LossKind.NETWORK, (lost - seen_lost) * PACKET / RATE)
+                self.count_lost(LossKind.NETWORK, (lost - seen_lost) * CALLER_PACKET_S)
                 seen_lost = lost
 
     def adopt(self, channel) -> None:
@@ -379,6 +380,7 @@ class WebRtcTransport:
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=clean.sdp, type=offer.type))
             await pc.setLocalDescription(await pc.createAnswer())
+            leg.track.sends(answered_audio_codec(pc.localDescription.sdp))
         except Exception as exc:
             # the library's words stay in our log: they describe our internals, not the caller's offer
             session.log.warning("webrtc_bad_offer", error=type(exc).__name__, detail=str(exc)[:200])
@@ -409,6 +411,7 @@ class WebRtcTransport:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=drop_mdns_candidates(offer.sdp).sdp,
                                                                 type=offer.type))
             await pc.setLocalDescription(await pc.createAnswer())
+            held.track.sends(answered_audio_codec(pc.localDescription.sdp))
         except Exception as exc:
             log.warning("webrtc_bad_offer", error=type(exc).__name__, detail=str(exc)[:200])
             await held.leave()

@@ -34,7 +34,7 @@ from tests.support.webrtc_client import WebRtcCaller
 TRANSPORTS = ["sip", "webrtc", "twilio", "telnyx"]
 SIP_CLIENT = Path(__file__).resolve().parents[1] / "support" / "sip_client.py"
 #: What each transport sends per packet: the agent sends carriers 40 ms media frames.
-PACKET_S = {"sip": 0.020, "webrtc": 0.020, "twilio": 0.040, "telnyx": 0.040}
+PACKET_S = {"sip": 0.020, "webrtc": 0.040, "twilio": 0.040, "telnyx": 0.040}
 #: From the barge-in to the first quiet packet where the transport sends: the next packet (the
 #: playout and the SIP port drop older generations at once) plus the tap's thread jitter on a
 #: loaded 2-core machine (measured 8-37 ms). Was 200 ms: two model frames more than needed.

@@ -114,13 +114,13 @@ def install_taps() -> None:
         for loud, t in port.tap_events():
             log.info("tap", transport="sip", leg=id(port), loud=loud, t=t)
     sipcall.SipCall.pump = pump
-    real_recv = tracks.AgentAudioTrack.recv
+    real_pcm = tracks.AgentAudioTrack.next_pcm
 
-    async def recv(self):
-        frame = await real_recv(self)
-        web_tap(id(self), frame.to_ndarray().reshape(-1) / 32768.0)
-        return frame
-    tracks.AgentAudioTrack.recv = recv
+    async def next_pcm(self):
+        pts, pcm = await real_pcm(self)
+        web_tap(id(self), pcm)
+        return pts, pcm
+    tracks.AgentAudioTrack.next_pcm = next_pcm
     real_next = ms.StreamLeg.__init__
 
     def init(self, *a, **kw):
