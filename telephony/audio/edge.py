@@ -14,20 +14,40 @@ import numpy as np
 
 from agent.calls.events import CallState
 from agent.resample import Resampler
+from telephony.audio.codecs import int16_to_float
 from agent.calls.session import CallSession
 from agent.timebase import FRAME_MS, SAMPLE_RATE
 
 
 class FrameResampler:
-    """Any av.AudioFrame (s16/flt, planar or not, stereo or mono, any rate) -> 24 kHz mono float32."""
+    """Any av.AudioFrame (s16/flt, planar or not, stereo or mono, any rate) -> 24 kHz mono float32.
+
+    What aiortc's decoders give (packed s16, mono or stereo: Opus at 48 kHz, G.711 at 8 kHz) is
+    mixed down in numpy and resampled by `agent.resample` (about a third of PyAV's interpreter
+    time per 20 ms packet); anything else goes through PyAV's resampler. Both mix down as the
+    mean of the channels: a browser's mono voice arrives as two equal channels and keeps its
+    level (libswresample's own stereo-to-mono mix adds 3 dB). A stream keeps to one path (its
+    decoder's format does not change mid-call)."""
 
     def __init__(self, out_rate: int = SAMPLE_RATE):
-        self._r = av.AudioResampler(format="flt", layout="mono", rate=out_rate)
+        self.out_rate = out_rate
+        self._av: av.AudioResampler | None = None
+        self._np: Resampler | None = None
 
     def __call__(self, frame: av.AudioFrame) -> np.ndarray:
+        if self._av is None and frame.format.name == "s16" and not frame.format.is_planar:
+            if self._np is None or self._np.in_rate != frame.sample_rate:
+                self._np = Resampler(frame.sample_rate, self.out_rate)
+            channels = len(frame.layout.channels)
+            s16 = frame.to_ndarray().reshape(-1, channels)
+            mono = int16_to_float(s16[:, 0] if channels == 1 else s16.mean(axis=1, dtype=np.float32))
+            return self._np(mono)
+        if self._av is None:  # packed float in the frame's own layout: mixed down below, as above
+            self._av = av.AudioResampler(format="flt", layout=frame.layout.name, rate=self.out_rate)
         frame.pts = None  # the resampler keeps its own continuous timeline
-        out = [f.to_ndarray().reshape(-1) for f in self._r.resample(frame)]
-        return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+        out = [f.to_ndarray().reshape(-1, len(f.layout.channels)).mean(axis=1, dtype=np.float32)
+               for f in self._av.resample(frame)]
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
 class Capture:

@@ -51,6 +51,41 @@ def test_call_rate_ratios_take_the_polyphase_path_and_keep_tone_level_phase_and_
     assert Resampler(44100, 24000)._poly is None  # any other ratio: libswresample
 
 
+def test_decoded_frames_of_any_layout_become_the_same_24k_mono():
+    """What aiortc's decoders give (packed s16: Opus stereo at 48 kHz, G.711 mono at 8 kHz) and
+    anything else (planar float) arrive as 24 kHz mono at the tone's level (two equal channels:
+    the mean, not libswresample's +3 dB mix) and length."""
+    import av
+
+    from telephony.audio.edge import FrameResampler
+
+    def frames(rate: int, fmt: str, layout: str, ms: int = 20):
+        n = rate * ms // 1000
+        for k in range(50):
+            t = (k * n + np.arange(n)) / rate
+            tone = 0.5 * np.sin(2 * np.pi * 1000 * t)
+            chans = 2 if layout == "stereo" else 1
+            if fmt == "s16":
+                data = np.repeat(np.round(tone * 32767).astype(np.int16), chans)[None, :]
+            else:  # planar float
+                data = np.tile(tone.astype(np.float32), (chans, 1))
+            f = av.AudioFrame.from_ndarray(data, format=fmt, layout=layout)
+            f.sample_rate = rate
+            yield f
+
+    for rate, fmt, layout, fast in [(48000, "s16", "stereo", True), (8000, "s16", "mono", True),
+                                    (48000, "fltp", "stereo", False), (44100, "s16", "stereo", True),
+                                    (44100, "fltp", "mono", False)]:
+        r = FrameResampler()
+        out = np.concatenate([r(f) for f in frames(rate, fmt, layout)])
+        assert (r._np is not None) == fast and (r._av is None) == fast, (rate, fmt, layout)
+        assert abs(len(out) - 24000) <= 1200, (rate, fmt, len(out))  # 1 s, give or take a filter's delay
+        mid = out[2400:-2400]
+        assert abs(np.sqrt(2 * np.mean(mid ** 2)) - 0.5) < 0.01, (rate, fmt, layout)
+        spectrum = np.abs(np.fft.rfft(mid))
+        assert abs(np.argmax(spectrum) * 24000 / len(mid) - 1000) < 5
+
+
 def test_capture_feeds_the_session_at_24k():
     s = session()
     cap = Capture(s, 16000)
