@@ -13,10 +13,10 @@ import av
 import numpy as np
 
 from agent.calls.events import CallState
-from agent.resample import Resampler
-from telephony.audio.codecs import int16_to_float
 from agent.calls.session import CallSession
+from agent.resample import Resampler
 from agent.timebase import FRAME_MS, SAMPLE_RATE
+from telephony.audio.codecs import int16_to_float
 
 
 class FrameResampler:

@@ -50,16 +50,15 @@ class OpusPackets:
         c.options = {"application": "voip", "frame_duration": str(1000 * PACKET // RATE)}
         self.codec = c
 
-    def encode(self, s16: np.ndarray, pts: int) -> av.Packet:
-        frame = av.AudioFrame.from_ndarray(s16[None, :], format="s16", layout="mono")
-        frame.sample_rate = RATE
-        frame.pts = pts
-        frame.time_base = TIME_BASE
+    def encode(self, frame: av.AudioFrame) -> av.Packet | None:
+        """The frame's packet (None if the encoder held it back: libopus never has, a frame of
+        its frame size in gives one packet out, its look-ahead showing only as a pts 312
+        samples early). Stamped with the frame's own time, so RTP timestamps follow the pacer."""
         packets = self.codec.encode(frame)
-        # libopus gives one packet per frame (its look-ahead shows only as a pts 312 samples early):
-        # stamp it with the frame's own time so that RTP timestamps follow the pacer
-        packet = packets[0] if len(packets) == 1 else av.Packet(b"".join(bytes(p) for p in packets))
-        packet.pts = pts
+        if not packets:
+            return None
+        packet = packets[0]
+        packet.pts = frame.pts
         packet.time_base = TIME_BASE
         return packet
 
@@ -87,11 +86,9 @@ class AgentAudioTrack(MediaStreamTrack):
         if self.readyState != "live":
             raise MediaStreamError
         pts, pcm = await self.next_pcm()
-        s16 = float_to_int16(pcm)
-        if self._opus is not None:
-            return self._opus.encode(s16, pts)
-        frame = av.AudioFrame.from_ndarray(s16[None, :], format="s16", layout="mono")
+        frame = av.AudioFrame.from_ndarray(float_to_int16(pcm)[None, :], format="s16", layout="mono")
         frame.sample_rate = RATE
         frame.pts = pts
         frame.time_base = TIME_BASE
-        return frame
+        packet = self._opus.encode(frame) if self._opus is not None else None
+        return frame if packet is None else packet

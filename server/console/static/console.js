@@ -68,7 +68,7 @@ function addSegment(list, seg) {
   list.scrollTop = list.scrollHeight;
 }
 // Live pieces join the speaker's current line; pieces the first snapshot already held are
-// skipped (README "Live calls": a piece whose t1 is not after that side's last t1 in it).
+// skipped (README "Live calls": a piece numbered n up to the snapshot's transcript_pieces).
 let seen = 0;  // the transcript's pieces already shown (the snapshot's transcript_pieces, then each piece's n)
 function addPiece(list, p) {
   if (p.n <= seen) return;
