@@ -119,6 +119,10 @@ class WebRtcConfig(_Strict):
     enabled: bool = True
     ice_servers: list[str] = []  # e.g. ["stun:stun.example.org:3478"]; none needed on a LAN/localhost
     connect_timeout_s: float = Field(20.0, gt=0)
+    # the packet length answers ask browsers to send (a=ptime): 40 ms is half the packets of
+    # Opus's default 20 (aiortc's per-packet Python is most of a WebRTC call's cost) for up to
+    # 20 ms more before a caller's word reaches the model; 20 adds nothing
+    caller_ptime_ms: Literal[20, 40, 60] = 40
     # honour the page's per-call "context" (variables for the persona's placeholders): browser
     # callers are untrusted, so off unless the page is yours and behind your own checks
     client_context: bool = False

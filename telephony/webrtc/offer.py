@@ -1,4 +1,5 @@
-"""Browser offers whose host candidates are hidden behind mDNS names.
+"""The SDP we take from browsers and give back: offers whose host candidates are hidden behind
+mDNS names, and answers that ask for a packet length (`ask_for_ptime`).
 
 Browsers hide their local addresses behind random `<uuid>.local` names unless the page holds a
 capture permission they count (Firefox's fake devices, some Chromium and Safari set-ups). The
@@ -40,3 +41,28 @@ def drop_mdns_candidates(sdp: str) -> CleanOffer:
         return CleanOffer(sdp, 0)
     kept = [ln for ln in kept if ln.strip() != "a=end-of-candidates"]
     return CleanOffer("".join(ln + "\r\n" for ln in kept), dropped)
+
+
+def ask_for_ptime(sdp: str, ms: int) -> str:
+    """The answer with `a=ptime:<ms>` in each audio section that has none (RFC 4566: the packet
+    length the answerer wants to receive). Chromium and Firefox then send Opus in packets of
+    that length (checked: 40 ms -> 25 packets a second instead of 50); aiortc and other
+    clients may ignore it, which costs nothing. Every packet in costs the server aiortc's
+    Python per-packet path, so fewer packets carry more calls per process."""
+    out: list[str] = []
+    lines = sdp.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        out.append(line)
+        i += 1
+        if not line.startswith("m=audio"):
+            continue
+        section = []
+        while i < len(lines) and not lines[i].startswith("m="):
+            section.append(lines[i])
+            i += 1
+        if not any(ln.startswith("a=ptime:") for ln in section):
+            out.append(f"a=ptime:{ms}")
+        out.extend(section)
+    return "".join(ln + "\r\n" for ln in out)

@@ -26,7 +26,7 @@ from telephony.admission import HTTP_STATUS, AdmittedCall, CallRequest, Refusal,
 from telephony.call_queue import Ticket
 from telephony.leg import CallLeg, LossKind
 from agent.personas.schema import PersonaError
-from telephony.webrtc.offer import drop_mdns_candidates
+from telephony.webrtc.offer import ask_for_ptime, drop_mdns_candidates
 from telephony.webrtc.playground import Playground
 from telephony.webrtc.protocol import send, PageDtmf, PageHangup, decode_page_message, encode_event, hello
 from telephony.transport import TransportContext
@@ -36,7 +36,25 @@ from telephony.webrtc.held import HeldCaller
 log = structlog.get_logger(__name__)
 STATIC = Path(__file__).parent / "static"
 NAME = "webrtc"
-CALLER_PACKET_S = 0.020  # what browsers send (Opus's default frame): a packet the network lost
+
+
+class CallerPackets:
+    """How long the caller's packets are, from how many were sent (received and lost, by their
+    sequence numbers) over the time since the first (20 ms until a second of them has been seen;
+    kept between 10 and 120 ms, Opus's range)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.020
+        self._first: tuple[float, int] | None = None
+
+    def observe(self, now: float, received: int) -> None:
+        if self._first is None:
+            if received:
+                self._first = (now, received)
+            return
+        t0, n0 = self._first
+        if now - t0 >= 1.0 and received > n0:
+            self.seconds = min(max((now - t0) / (received - n0), 0.010), 0.120)
 
 
 class WebRtcLeg(CallLeg):
@@ -91,9 +109,11 @@ class WebRtcLeg(CallLeg):
 
     async def _watch(self) -> None:
         """The media clock (`media_timeout_s`) and, every second, the RTP packets the network
-        lost on the way in (the receiver's statistics, 20 ms each)."""
+        lost on the way in (the receiver's statistics), each as long as the caller's packets
+        have been (what the answer asked for is a request: aiortc clients keep to 20 ms)."""
         timeout = self.owner.media_timeout_s
         seen_lost, last_read = 0, 0.0
+        packet_s = CallerPackets()
         while not self.closed:
             await asyncio.sleep(min(0.25, timeout / 4))
             if self.media_timed_out(timeout):
@@ -102,14 +122,16 @@ class WebRtcLeg(CallLeg):
             if now - last_read < 1.0:
                 continue
             last_read = now
-            lost = 0
+            lost = received = 0
             for receiver in self.pc.getReceivers():
                 if receiver.track is not None and receiver.track.kind == "audio":
                     for st in (await receiver.getStats()).values():
                         if getattr(st, "type", None) == "inbound-rtp":
                             lost += max(int(st.packetsLost or 0), 0)
+                            received += int(st.packetsReceived or 0)
+            packet_s.observe(now, received + lost)
             if lost > seen_lost:
-                self.count_lost(LossKind.NETWORK, (lost - seen_lost) * CALLER_PACKET_S)
+                self.count_lost(LossKind.NETWORK, (lost - seen_lost) * packet_s.seconds)
                 seen_lost = lost
 
     def adopt(self, channel) -> None:
@@ -387,8 +409,12 @@ class WebRtcTransport:
             await leg.shutdown()
             return bad_request("cannot negotiate this offer (audio: Opus, PCMU or PCMA)", "bad_offer")
         leg.spawn(leg.watch_ice(self.cfg.connect_timeout_s))
-        return web.json_response({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type,
+        return web.json_response({"sdp": self.answer_sdp(pc), "type": pc.localDescription.type,
                                   "call_id": session.call_id, "persona": session.persona.id})
+
+    def answer_sdp(self, pc: RTCPeerConnection) -> str:
+        """Our answer as the caller gets it: asking for `webrtc.caller_ptime_ms` packets."""
+        return ask_for_ptime(pc.localDescription.sdp, self.cfg.caller_ptime_ms)
 
     def new_leg(self, pc: RTCPeerConnection, admitted: AdmittedCall, client: str, reservation: str | None,
                 track=None) -> "WebRtcLeg":
@@ -418,7 +444,7 @@ class WebRtcTransport:
             return bad_request("cannot negotiate this offer (audio: Opus, PCMU or PCMA)", "bad_offer")
         held.begin(self.cfg.connect_timeout_s)
         log.info("webrtc_queued", position=ticket.position)
-        return web.json_response({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type,
+        return web.json_response({"sdp": self.answer_sdp(pc), "type": pc.localDescription.type,
                                   "queued": True, "position": ticket.position,
                                   "persona": getattr(ticket.persona, "id", None)})
 

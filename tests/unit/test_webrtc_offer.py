@@ -71,3 +71,52 @@ def test_agent_connects_to_a_caller_hidden_behind_mdns():
     # caller's own connectivity checks (peer-reflexive).
     state, answer = asyncio.run(_connect(clean=True))
     assert "a=candidate:" in answer and state == "connected"
+
+
+def test_the_answer_asks_for_the_configured_packet_length_in_its_audio_section_only():
+    from telephony.webrtc.offer import ask_for_ptime
+
+    sdp = ("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n"
+           "m=audio 9 UDP/TLS/RTP/SAVPF 111 0\r\nc=IN IP4 0.0.0.0\r\na=rtpmap:111 opus/48000/2\r\n"
+           "m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=sctp-port:5000\r\n")
+    asked = ask_for_ptime(sdp, 40)
+    sections = asked.split("m=")
+    assert "a=ptime:40\r\n" in sections[1] and "ptime" not in sections[2] and "ptime" not in sections[0]
+    assert asked.replace("a=ptime:40\r\n", "") == sdp  # nothing else changed
+    assert ask_for_ptime(asked, 20) == asked  # a section that says its ptime keeps it
+
+
+def test_a_real_answer_with_ptime_is_still_accepted_by_a_peer():
+    """aiortc (as a browser would) takes our answer with the packet length asked for."""
+    from telephony.webrtc.offer import ask_for_ptime
+
+    async def run():
+        caller, agent = RTCPeerConnection(), RTCPeerConnection()
+        try:
+            caller.addTrack(AudioStreamTrack())
+            agent.addTrack(AudioStreamTrack())
+            await caller.setLocalDescription(await caller.createOffer())
+            await agent.setRemoteDescription(caller.localDescription)
+            await agent.setLocalDescription(await agent.createAnswer())
+            answer = ask_for_ptime(agent.localDescription.sdp, 40)
+            await caller.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+            return answer
+        finally:
+            await caller.close()
+            await agent.close()
+    assert "a=ptime:40" in asyncio.run(run())
+
+
+def test_lost_packets_are_counted_at_the_length_the_caller_sends():
+    from telephony.webrtc.transport import CallerPackets
+
+    p = CallerPackets()
+    assert p.seconds == 0.020  # until a second of packets was seen
+    p.observe(10.0, 0)
+    p.observe(10.5, 12)  # the first packets: the clock starts here
+    p.observe(11.0, 24)
+    assert p.seconds == 0.020
+    p.observe(11.5, 37)  # 25 packets in 1 s: a browser that took the answer's 40 ms
+    assert abs(p.seconds - 0.040) < 1e-9
+    p.observe(12.5, 37)  # nothing arrived, nothing counted lost (a stall): the estimate stays bounded
+    assert 0.010 <= p.seconds <= 0.120
