@@ -7,8 +7,9 @@ scheduler are the product), callers on this machine.
     scripts/bench_media.py --tree before=/tmp/main --tree after=.   # before/after in one run
 
 Callers: sipp for SIP (PCMU RTP), the carriers' WebSocket callers of tests/support/carriers.py
-for Twilio and Telnyx, aiortc callers for WebRTC, each in a process of its own so that their CPU
-is reported apart from the server's. For each transport it prints: the server's CPU over the
+for Twilio and Telnyx, aiortc callers for WebRTC (sending Opus in the packet length the answer
+asks for, as Chromium and Firefox do; aiortc's own sender keeps to 20 ms), each in a process of
+its own so that their CPU is reported apart from the server's. For each transport it prints: the server's CPU over the
 calls' steady state (% of one core: all, per call above the idle server, and by thread), the
 callers' CPU, and from each call's `call_end` line: caller frames the engine received against
 those expected for the call's length, late frames, playout underruns, caller audio dropped by
@@ -135,7 +136,7 @@ async def webrtc_callers(url: str, calls: int, seconds: float, wav: str) -> list
 
     async def one(i: int) -> dict:
         await asyncio.sleep(i * 0.05)
-        c = WebRtcCaller(url, "1001", wav)
+        c = WebRtcCaller(url, "1001", wav, as_browser=True)  # the packet length the answer asks for
         status = await c.call()
         if status != 200:
             return {"status": status}

@@ -38,16 +38,16 @@ def answered_audio_codec(sdp: str) -> str | None:
 
 
 class OpusPackets:
-    """Mono Opus packets of PACKET samples, stamped with the track's own timestamps."""
+    """Mono Opus packets of `samples` samples at RATE, stamped with the track's own timestamps."""
 
-    def __init__(self) -> None:
+    def __init__(self, samples: int = PACKET) -> None:
         c = av.CodecContext.create("libopus", "w")
         c.bit_rate = OPUS_BITRATE
         c.format = "s16"
         c.layout = "mono"
         c.sample_rate = RATE
         c.time_base = TIME_BASE
-        c.options = {"application": "voip", "frame_duration": str(1000 * PACKET // RATE)}
+        c.options = {"application": "voip", "frame_duration": str(1000 * samples // RATE)}
         self.codec = c
 
     def encode(self, frame: av.AudioFrame) -> av.Packet | None:

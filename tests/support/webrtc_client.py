@@ -5,10 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 
+import re
+
 import aiohttp
+import av
 import numpy as np
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaPlayer
+from aiortc.mediastreams import MediaStreamError
+
+from telephony.audio.codecs import float_to_int16
+from telephony.audio.pacer import Pacer
+from telephony.webrtc.tracks import RATE, TIME_BASE, OpusPackets
 
 
 #: RMS (full scale 1.0) above which a received frame counts as sound: -60 dBFS, far above Opus'
@@ -16,10 +24,45 @@ from aiortc.contrib.media import MediaPlayer
 LOUD_RMS = 1e-3
 
 
+class AnsweredPtimeTrack(MediaStreamTrack):
+    """A wav sent as a browser sends its microphone: Opus in packets of the length the answer
+    asks for (`a=ptime`; 20 ms, Opus's default, when it asks nothing), where aiortc's own
+    sender always sends 20 ms."""
+
+    kind = "audio"
+
+    def __init__(self, wav: str):
+        super().__init__()
+        from agent.audio_io import read_audio
+
+        self.pcm = read_audio(wav, RATE)
+        self.ptime_ms = 20  # until the answer says
+        self._opus: OpusPackets | None = None
+        self._pacer: Pacer | None = None
+        self._pos = 0
+
+    async def recv(self) -> av.Packet:
+        if self._opus is None:  # the first packet goes after the answer: its ptime is known
+            self._n = RATE * self.ptime_ms // 1000
+            self._opus, self._pacer = OpusPackets(self._n), Pacer(self._n / RATE)
+        if self.readyState != "live" or self._pos + self._n > len(self.pcm):
+            self.stop()
+            raise MediaStreamError
+        pts = await self._pacer.wait() * self._n
+        chunk, self._pos = self.pcm[self._pos:self._pos + self._n], self._pos + self._n
+        frame = av.AudioFrame.from_ndarray(float_to_int16(chunk)[None, :], format="s16", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = RATE, pts, TIME_BASE
+        packet = self._opus.encode(frame)
+        assert packet is not None
+        return packet
+
+
 class WebRtcCaller:
     def __init__(self, base_url: str, persona: str, wav: str | None = None, extra: dict | None = None,
-                 headers: dict | None = None):
-        """`extra`: more fields of the /api/call body (context, playground); `headers`: of that request."""
+                 headers: dict | None = None, as_browser: bool = False):
+        """`extra`: more fields of the /api/call body (context, playground); `headers`: of that
+        request; `as_browser`: send the wav in the packet length the answer asks for."""
+        self.as_browser = as_browser
         self.base_url, self.persona, self.wav = base_url, persona, wav
         self.extra, self.headers = dict(extra or {}), dict(headers or {})
         self.pc = RTCPeerConnection()
@@ -30,9 +73,13 @@ class WebRtcCaller:
         self.channel = None
         self._rx_task = None
         self.player = None
+        self.source: AnsweredPtimeTrack | None = None
 
     async def call(self) -> int:
-        if self.wav:
+        if self.wav and self.as_browser:
+            self.source = AnsweredPtimeTrack(self.wav)
+            self.pc.addTrack(self.source)
+        elif self.wav:
             self.player = MediaPlayer(self.wav)
             self.pc.addTrack(self.player.audio)
         else:
@@ -50,6 +97,9 @@ class WebRtcCaller:
         if self.status != 200:
             await self.pc.close()
             return self.status
+        if self.source is not None:
+            asked = re.search(r"^a=ptime:(\d+)", self.body["sdp"], re.M)
+            self.source.ptime_ms = int(asked.group(1)) if asked else 20
         await self.pc.setRemoteDescription(RTCSessionDescription(self.body["sdp"], self.body["type"]))
         return self.status
 
@@ -66,9 +116,10 @@ class WebRtcCaller:
         self._rx_task = asyncio.ensure_future(rx())
 
     def loud(self, since: int = 0, floor: float = LOUD_RMS) -> int:
-        """How many of the 20 ms frames received from index `since` on carry sound (RMS above
-        `floor`). The track sends a frame every 20 ms whether the agent speaks or not, so "the
-        call goes on" is this count growing, not the number of frames received."""
+        """How many of the frames received (one per packet: 40 ms from this server) from index
+        `since` on carry sound (RMS above `floor`). The track sends a packet every 40 ms whether
+        the agent speaks or not, so "the call goes on" is this count growing, not the number of
+        frames received."""
         return sum(1 for f in self.received[since:] if f.size and float(np.sqrt(np.mean(f * f))) > floor)
 
     def kinds(self) -> list[str]:
@@ -93,6 +144,8 @@ class WebRtcCaller:
     async def close(self) -> None:
         if self.player is not None and self.player.audio is not None:
             self.player.audio.stop()
+        if self.source is not None:
+            self.source.stop()
         await self.pc.close()
         if self._rx_task is not None:
             self._rx_task.cancel()
