@@ -27,7 +27,7 @@ from telephony.audio.hold import HoldAudio, HoldPlayer
 from telephony.call_queue import Ticket
 from telephony.security.limits import MessageLimiter
 from telephony.webrtc.protocol import send, PageHangup, decode_page_message, queue_position, refused
-from telephony.webrtc.tracks import PACKET, RATE, AgentAudioTrack
+from telephony.webrtc.tracks import RATE, AgentAudioTrack
 
 if TYPE_CHECKING:
     from telephony.webrtc.transport import WebRtcLeg, WebRtcTransport
@@ -49,14 +49,14 @@ class HoldSource:
 
 class HeldCaller:
     def __init__(self, transport: "WebRtcTransport", pc: RTCPeerConnection, ticket: Ticket, client: str,
-                 reservation: str | None, hold: HoldAudio):
+                 reservation: str | None, hold: HoldAudio, packet: int):
         self.owner = transport
         self.pc = pc
         self.ticket = ticket
         self.client = client
         self.reservation = reservation
         self.loop = asyncio.get_running_loop()
-        self.track = AgentAudioTrack(HoldSource(hold.player(RATE, PACKET)))  # type: ignore[arg-type]
+        self.track = AgentAudioTrack(HoldSource(hold.player(RATE, packet)), packet)  # type: ignore[arg-type]
         pc.addTrack(self.track)
         pc.on("track", self._on_track)
         pc.on("datachannel", self._on_datachannel)
@@ -163,7 +163,7 @@ class HeldCaller:
     def _answered(self, admitted: AdmittedCall) -> None:
         owner = self.owner
         owner.held.discard(self)
-        leg = owner.new_leg(self.pc, admitted, self.client, self.reservation, track=self.track)
+        leg = owner.new_leg(self.pc, admitted, self.client, self.reservation, self.track.packet, track=self.track)
         self.reservation = None  # the leg gives it back when the call ends
         self.leg = leg
         leg.adopt(self.channel)

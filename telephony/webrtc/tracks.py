@@ -11,6 +11,7 @@ frames, encoded by aiortc as before.
 from __future__ import annotations
 
 import fractions
+import re
 
 import av
 import numpy as np
@@ -24,6 +25,21 @@ from telephony.audio.pacer import Pacer
 
 RATE = 48000
 PACKET = 1920  # 40 ms: half the RTP packets of 20 ms (aiortc's send path is Python per packet)
+PACKET_MS_CHOICES = (10, 20, 40, 60)  # lengths both Opus and G.711 packets come in
+
+
+def packet_for_offer(sdp: str) -> int:
+    """Our packets' length for this caller (samples at RATE): PACKET unless the offer's audio
+    section asks otherwise (RFC 4566: `a=ptime`, the length it wants to receive; `a=maxptime`,
+    the longest it takes), then the nearest allowed length at or under what it asks."""
+    section = re.search(r"^m=audio.*?(?=^m=|\Z)", sdp, re.M | re.S)
+    want = 1000 * PACKET // RATE
+    if section is not None:
+        for attr in ("ptime", "maxptime"):
+            asked = re.search(rf"^a={attr}:(\d+)", section.group(0), re.M)
+            if asked and (attr == "ptime" or int(asked.group(1)) < want):
+                want = max([m for m in PACKET_MS_CHOICES if m <= int(asked.group(1))] or [PACKET_MS_CHOICES[0]])
+    return RATE * want // 1000
 TIME_BASE = fractions.Fraction(1, RATE)
 OPUS_BITRATE = 48000  # mono speech, fullband: well above what a voice needs, a third of aiortc's 96 kb/s stereo
 
@@ -66,20 +82,22 @@ class OpusPackets:
 class AgentAudioTrack(MediaStreamTrack):
     kind = "audio"
 
-    def __init__(self, playout: Playout):
+    def __init__(self, playout: Playout, packet: int = PACKET):
+        """`packet`: samples at RATE per packet (`packet_for_offer`); `playout` hands out as many."""
         super().__init__()
         self.playout = playout
-        self._pacer = Pacer(PACKET / RATE)
+        self.packet = packet
+        self._pacer = Pacer(packet / RATE)
         self._opus: OpusPackets | None = None
 
     def sends(self, codec: str | None) -> None:
         """The negotiated codec (`answered_audio_codec`): Opus is encoded here, anything else by
         aiortc."""
-        self._opus = OpusPackets() if codec == "audio/opus" else None
+        self._opus = OpusPackets(self.packet) if codec == "audio/opus" else None
 
     async def next_pcm(self) -> tuple[int, np.ndarray]:
         """The next packet's timestamp and agent audio (float32 at RATE), at its time."""
-        pts = await self._pacer.wait() * PACKET  # continuous through a stall (re-anchored, no burst)
+        pts = await self._pacer.wait() * self.packet  # continuous through a stall (re-anchored, no burst)
         return pts, self.playout.next_packet()
 
     async def recv(self) -> av.AudioFrame | av.Packet:

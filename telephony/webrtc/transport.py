@@ -30,7 +30,7 @@ from telephony.webrtc.offer import ask_for_ptime, drop_mdns_candidates
 from telephony.webrtc.playground import Playground
 from telephony.webrtc.protocol import send, PageDtmf, PageHangup, decode_page_message, encode_event, hello
 from telephony.transport import TransportContext
-from telephony.webrtc.tracks import PACKET, RATE, AgentAudioTrack, answered_audio_codec
+from telephony.webrtc.tracks import RATE, AgentAudioTrack, answered_audio_codec, packet_for_offer
 from telephony.webrtc.held import HeldCaller
 
 log = structlog.get_logger(__name__)
@@ -59,12 +59,15 @@ class CallerPackets:
 
 class WebRtcLeg(CallLeg):
     def __init__(self, transport: "WebRtcTransport", pc: RTCPeerConnection, admitted: AdmittedCall, client: str,
-                 reservation: str | None, track: AgentAudioTrack | None = None):
-        """`track`: the outbound track of a caller who waited in the queue (`telephony.webrtc.held`):
-        it plays this call's audio from now on, and the waiting caller's peer connection keeps
-        feeding the inbound track and the data channel to this leg (`adopt`)."""
+                 reservation: str | None, packet: int, track: AgentAudioTrack | None = None):
+        """`packet`: our packets' length for this caller (`packet_for_offer`); `track`: the
+        outbound track of a caller who waited in the queue (`telephony.webrtc.held`): it plays
+        this call's audio from now on, and the waiting caller's peer connection keeps feeding
+        the inbound track and the data channel to this leg (`adopt`)."""
+        if track is not None:
+            packet = track.packet
         super().__init__(admitted, endpoint=NAME, metrics=transport.metrics, in_rate=None, out_rate=RATE,
-                         out_packet=PACKET)
+                         out_packet=packet)
         self.owner = transport
         self.client = client  # the caller's address (per-client limits)
         self.reservation = reservation  # its place among the client's concurrent calls
@@ -76,7 +79,7 @@ class WebRtcLeg(CallLeg):
         self.tasks: set[asyncio.Task] = set()
         self.closed = False
         if track is None:
-            self.track = AgentAudioTrack(self.playout)
+            self.track = AgentAudioTrack(self.playout, packet)
             pc.addTrack(self.track)
             pc.on("track", self._on_track)
             pc.on("datachannel", self._on_datachannel)
@@ -393,7 +396,7 @@ class WebRtcTransport:
         if isinstance(admitted, Ticket):
             return await self._hold(pc, offer, admitted, client, reservation)
         session = admitted.session
-        leg = self.new_leg(pc, admitted, client, reservation[0])
+        leg = self.new_leg(pc, admitted, client, reservation[0], packet_for_offer(offer.sdp))
         reservation[0] = None  # the leg gives it back when the call ends
         leg.start()  # its prompt into the model while the offer is negotiated
         clean = drop_mdns_candidates(offer.sdp)
@@ -417,11 +420,11 @@ class WebRtcTransport:
         return ask_for_ptime(pc.localDescription.sdp, self.cfg.caller_ptime_ms)
 
     def new_leg(self, pc: RTCPeerConnection, admitted: AdmittedCall, client: str, reservation: str | None,
-                track=None) -> "WebRtcLeg":
+                packet: int, track=None) -> "WebRtcLeg":
         """The leg of an admitted call, one of this transport's calls from now on (it gives the
         client's `reservation` back when the call ends); a caller answered off the queue brings
-        the track it was held on."""
-        leg = WebRtcLeg(self, pc, admitted, client, reservation, track=track)
+        the track it was held on (and its packet length)."""
+        leg = WebRtcLeg(self, pc, admitted, client, reservation, packet, track=track)
         self.calls.add(leg)
         return leg
 
@@ -430,7 +433,7 @@ class WebRtcTransport:
         """Every slot busy, the queue has room: answer the offer now, hold audio on the outbound
         track and the caller's place on the data channel until the slot comes
         (`telephony.webrtc.held`)."""
-        held = HeldCaller(self, pc, ticket, client, reservation[0], self.hold_audio)
+        held = HeldCaller(self, pc, ticket, client, reservation[0], self.hold_audio, packet_for_offer(offer.sdp))
         reservation[0] = None  # the held caller (then its leg) gives it back
         self.held.add(held)
         try:

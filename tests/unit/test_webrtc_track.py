@@ -15,13 +15,13 @@ from telephony.webrtc.tracks import PACKET, RATE, AgentAudioTrack, answered_audi
 
 
 class Tone:
-    """A playout (`next_packet`) of a 440 Hz tone, PACKET samples at a time."""
+    """A playout (`next_packet`) of a 440 Hz tone, `packet` samples at a time."""
 
-    def __init__(self):
-        self.n = 0
+    def __init__(self, packet: int = PACKET):
+        self.n, self.packet = 0, packet
 
     def next_packet(self) -> np.ndarray:
-        t = (self.n * PACKET + np.arange(PACKET)) / RATE
+        t = (self.n * self.packet + np.arange(self.packet)) / RATE
         self.n += 1
         return (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
 
@@ -81,3 +81,34 @@ def test_other_codecs_get_frames_for_aiortc_to_encode():
     assert isinstance(frame, av.AudioFrame) and frame.samples == PACKET and frame.sample_rate == RATE
     track.sends(None)
     assert isinstance(asyncio.run(track.recv()), av.AudioFrame)
+
+
+def test_our_packet_length_follows_what_the_offer_asks_for():
+    from telephony.webrtc.tracks import packet_for_offer
+
+    def offer(*attrs: str) -> str:
+        return ("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
+                + "".join(a + "\r\n" for a in attrs)
+                + "m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=ptime:5\r\n")
+
+    assert packet_for_offer(offer()) == PACKET == RATE * 40 // 1000  # browsers ask nothing: 40 ms
+    assert packet_for_offer(offer("a=maxptime:120")) == PACKET  # Firefox's offer
+    assert packet_for_offer(offer("a=ptime:20")) == RATE * 20 // 1000  # what it wants to receive
+    assert packet_for_offer(offer("a=maxptime:30")) == RATE * 20 // 1000  # the longest it takes
+    assert packet_for_offer(offer("a=ptime:60", "a=maxptime:60")) == RATE * 60 // 1000
+    assert packet_for_offer(offer("a=ptime:5")) == RATE * 10 // 1000  # Opus's shortest we send
+    # (the data section's a=ptime:5 is not the audio's)
+
+
+def test_a_20_ms_track_sends_20_ms_opus_packets():
+    track = AgentAudioTrack(Tone(960), 960)  # type: ignore[arg-type]
+    track.sends("audio/opus")
+    track._pacer.period_s = 0.0
+    packets = asyncio.run(_take(track, 5))
+    assert [p.pts for p in packets] == [i * 960 for i in range(5)]
+    decoder = av.CodecContext.create("opus", "r")
+    assert all(f.samples == 960 for p in packets for f in decoder.decode(p))
+
+
+async def _take(track, n):
+    return [await track.recv() for _ in range(n)]
