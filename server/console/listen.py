@@ -10,11 +10,9 @@ its oldest audio, never the call's time.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import fractions
 import threading
-import time
 
 import av
 import numpy as np
@@ -25,6 +23,8 @@ from agent.calls.events import Ended
 from agent.calls.session import CallSession
 from agent.timebase import SAMPLE_RATE
 from server.console.auth import signed_in
+from telephony.audio.codecs import float_to_int16
+from telephony.audio.pacer import Pacer
 
 log = structlog.get_logger(__name__)
 
@@ -50,8 +50,7 @@ class MixTrack:
         self._frames: collections.deque[np.ndarray] = collections.deque(maxlen=BUFFERED_FRAMES)
         self._lock = threading.Lock()
         self._pending = np.zeros(0, np.float32)
-        self._start: float | None = None
-        self._pts = 0
+        self._pacer = Pacer(PACKET / SAMPLE_RATE)  # the transports' clock rule (telephony.audio.pacer)
 
     def push(self, frame: np.ndarray) -> None:
         """Engine thread: one 80 ms mixed frame."""
@@ -63,15 +62,7 @@ class MixTrack:
             from aiortc.mediastreams import MediaStreamError
 
             raise MediaStreamError
-        if self._start is None:
-            self._start = time.monotonic()
-        else:
-            self._pts += PACKET
-            wait = self._start + self._pts / SAMPLE_RATE - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            elif wait < -0.2:
-                self._start = time.monotonic() - self._pts / SAMPLE_RATE
+        pts = await self._pacer.wait() * PACKET
         if len(self._pending) < PACKET:
             with self._lock:
                 more = list(self._frames)
@@ -81,10 +72,9 @@ class MixTrack:
             pcm, self._pending = self._pending[:PACKET], self._pending[PACKET:]
         else:
             pcm = np.zeros(PACKET, np.float32)
-        s16 = (np.clip(pcm, -1.0, 1.0) * 32767).astype(np.int16)
-        frame = av.AudioFrame.from_ndarray(s16[None, :], format="s16", layout="mono")
+        frame = av.AudioFrame.from_ndarray(float_to_int16(pcm)[None, :], format="s16", layout="mono")
         frame.sample_rate = SAMPLE_RATE
-        frame.pts = self._pts
+        frame.pts = pts
         frame.time_base = fractions.Fraction(1, SAMPLE_RATE)
         return frame
 
