@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import components_fixture, poll, ROOT, speech_wav, stable_port
+from tests.support import components_fixture, poll, ROOT, speech_wav, rtp_ports
 from tests.support.server import ServerProcess
 from tests.support.sip_trace import Sipp
 
@@ -51,7 +51,7 @@ def srv(tmp_path_factory, demo_dir):
     tmp = tmp_path_factory.mktemp("consoleserver")
     s = ServerProcess(tmp, demo_dir.parent, {
         "engine": {"max_calls": 2},
-        "sip": {"enabled": True, "rtp_port": stable_port()},
+        "sip": {"enabled": True, "rtp_port": rtp_ports()},
         "queue": {"max_waiting": 1, "max_wait_s": 90},
         "ops": {"token_env": "OPS_TOKEN"},
         "recording": {"enabled": True, "dir": str(tmp / "records")},

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.support import components_fixture, poll, speech_wav, stable_port
+from tests.support import components_fixture, poll, speech_wav, rtp_ports
 from tests.support.server import ServerProcess, http_json, metric
 from tests.support.sip_trace import Sipp, log_time, sip_options
 
@@ -60,7 +60,7 @@ def test_third_and_fourth_callers_wait_on_hold_and_are_answered_in_order_fifth_i
     ulaw, wav16 = audio
     srv = ServerProcess(tmp_path, demo_dir.parent, {
         "engine": {"max_calls": 2, "retry_after_s": 7},
-        "sip": {"enabled": True, "rtp_port": stable_port()}, "media_timeout_s": 30,
+        "sip": {"enabled": True, "rtp_port": rtp_ports()}, "media_timeout_s": 30,
         "queue": {"max_waiting": 2, "max_wait_s": 60, "sip_answer": mode},
         "recording": {"enabled": True, "dir": str(tmp_path / "rec")},
     })
@@ -166,7 +166,7 @@ def test_held_callers_time_out_abandon_and_are_refused_503_on_sigterm(tmp_path, 
     srv = ServerProcess(tmp_path, demo_dir.parent, {
         "engine": {"max_calls": 1, "retry_after_s": 7},
         "drain_timeout_s": 3,
-        "sip": {"enabled": True, "rtp_port": stable_port()}, "media_timeout_s": 30,
+        "sip": {"enabled": True, "rtp_port": rtp_ports()}, "media_timeout_s": 30,
         "twilio": {"enabled": True},
         "queue": {"max_waiting": 2, "max_wait_s": 3},
     })

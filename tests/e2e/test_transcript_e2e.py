@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.test_webhooks import SECRET, WEBHOOKS, delivered_once, joined, record_of, streamed, until
-from tests.support import poll, require, stable_port
+from tests.support import poll, require, rtp_ports
 from tests.support.event_stream import EventStream
 from tests.support.server import ServerProcess, http_json, settles_calls_of
 from tests.support.sip_trace import Sipp
@@ -48,7 +48,7 @@ def stt_server(tmp_path_factory, demo_dir, receiver):
            "recording": {"enabled": True, "dir": str(tmp / "rec"), "max_files": 50},
            "webhooks": {"call_end": {"url": receiver.url}, **WEBHOOKS},
            "state_dir": str(tmp / "state"),
-           "sip": {"enabled": True, "rtp_port": stable_port()}, "media_timeout_s": 5}
+           "sip": {"enabled": True, "rtp_port": rtp_ports()}, "media_timeout_s": 5}
     srv = ServerProcess(tmp, demo_dir.parent, cfg, env={"PERSONAPLEX_WEBHOOK_SECRET": SECRET})
     srv.rec = tmp / "rec"
     try:

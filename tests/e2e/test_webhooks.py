@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from server.webhooks.signing import verify
-from tests.support import poll, require, stable_port
+from tests.support import poll, require, rtp_ports
 from tests.support.event_stream import EventStream, StalledReader
 from tests.support.server import ServerProcess, http_json, metric, settles_calls_of
 from tests.support.sip_trace import Sipp
@@ -58,7 +58,7 @@ def wh_server(tmp_path_factory, demo_dir, receiver):
     require("pjsua2")
     tmp = tmp_path_factory.mktemp("webhooks")
     srv = server(tmp, demo_dir, receiver, tmp / "state",
-                 sip={"enabled": True, "rtp_port": stable_port(), }, media_timeout_s=5,
+                 sip={"enabled": True, "rtp_port": rtp_ports(), }, media_timeout_s=5,
                  ops={"event_stream": {"queue": 8, "buffer_bytes": 4096, "keepalive_s": 1.0}})
     try:
         srv.wait_ready()

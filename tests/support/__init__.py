@@ -71,9 +71,11 @@ def stable_port(low: int = 24000, high: int = 32000) -> int:
     raise RuntimeError(f"no free port in {low}-{high}")
 
 
-#: RTP port blocks a test server's `sip.rtp_port` comes from: below `stable_port`'s range and the
-#: kernel's ephemeral range, so no caller's bind(0) takes them and no two servers of a run share one.
-RTP_LOW, RTP_HIGH, RTP_BLOCK = 10000, 24000, 200
+#: RTP port blocks a test server's `sip.rtp_port` comes from: below every `stable_port` range (a
+#: server's HTTP, SIP and ops ports come from 20000-24000: seen, an RTP bind failing on another
+#: server's port when the blocks reached 24000) and the kernel's ephemeral range, so no caller's
+#: bind(0) takes them and no two servers of a run share one.
+RTP_LOW, RTP_HIGH, RTP_BLOCK = 10000, 20000, 100
 _RTP_GIVEN: set[int] = set()
 
 
