@@ -16,6 +16,7 @@ end-of-candidates marker, which keeps ICE waiting for the browser's checks inste
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -66,3 +67,10 @@ def ask_for_ptime(sdp: str, ms: int) -> str:
             out.append(f"a=ptime:{ms}")
         out.extend(section)
     return "".join(ln + "\r\n" for ln in out)
+
+
+def audio_attribute(sdp: str, name: str) -> str | None:
+    """The value of `a=<name>:` in the SDP's audio section, or None."""
+    section = re.search(r"^m=audio.*?(?=^m=|\Z)", sdp, re.M | re.S)
+    found = section and re.search(rf"^a={re.escape(name)}:(\S+)", section.group(0), re.M)
+    return found.group(1) if found else None

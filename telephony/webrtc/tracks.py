@@ -11,7 +11,6 @@ frames, encoded by aiortc as before.
 from __future__ import annotations
 
 import fractions
-import re
 
 import av
 import numpy as np
@@ -22,6 +21,7 @@ from aiortc.sdp import SessionDescription
 from telephony.audio.codecs import float_to_int16
 from telephony.audio.edge import Playout
 from telephony.audio.pacer import Pacer
+from telephony.webrtc.offer import audio_attribute
 
 RATE = 48000
 PACKET = 1920  # 40 ms: half the RTP packets of 20 ms (aiortc's send path is Python per packet)
@@ -32,13 +32,11 @@ def packet_for_offer(sdp: str) -> int:
     """Our packets' length for this caller (samples at RATE): PACKET unless the offer's audio
     section asks otherwise (RFC 4566: `a=ptime`, the length it wants to receive; `a=maxptime`,
     the longest it takes), then the nearest allowed length at or under what it asks."""
-    section = re.search(r"^m=audio.*?(?=^m=|\Z)", sdp, re.M | re.S)
     want = 1000 * PACKET // RATE
-    if section is not None:
-        for attr in ("ptime", "maxptime"):
-            asked = re.search(rf"^a={attr}:(\d+)", section.group(0), re.M)
-            if asked and (attr == "ptime" or int(asked.group(1)) < want):
-                want = max([m for m in PACKET_MS_CHOICES if m <= int(asked.group(1))] or [PACKET_MS_CHOICES[0]])
+    for attr in ("ptime", "maxptime"):
+        asked = audio_attribute(sdp, attr)
+        if asked is not None and asked.isdigit() and (attr == "ptime" or int(asked) < want):
+            want = max([m for m in PACKET_MS_CHOICES if m <= int(asked)] or [PACKET_MS_CHOICES[0]])
     return RATE * want // 1000
 TIME_BASE = fractions.Fraction(1, RATE)
 OPUS_BITRATE = 48000  # mono speech, fullband: well above what a voice needs, a third of aiortc's 96 kb/s stereo
@@ -94,6 +92,11 @@ class AgentAudioTrack(MediaStreamTrack):
         """The negotiated codec (`answered_audio_codec`): Opus is encoded here, anything else by
         aiortc."""
         self._opus = OpusPackets(self.packet) if codec == "audio/opus" else None
+
+    def media(self, codec: str | None) -> dict:
+        """What this track sends, for the `webrtc_media` log line."""
+        return {"codec": codec, "packet_ms": 1000 * self.packet // RATE,
+                "encoder": "agent" if self._opus is not None else "aiortc"}
 
     async def next_pcm(self) -> tuple[int, np.ndarray]:
         """The next packet's timestamp and agent audio (float32 at RATE), at its time."""

@@ -405,12 +405,14 @@ class WebRtcTransport:
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=clean.sdp, type=offer.type))
             await pc.setLocalDescription(await pc.createAnswer())
-            leg.track.sends(answered_audio_codec(pc.localDescription.sdp))
+            codec = answered_audio_codec(pc.localDescription.sdp)
+            leg.track.sends(codec)
         except Exception as exc:
             # the library's words stay in our log: they describe our internals, not the caller's offer
             session.log.warning("webrtc_bad_offer", error=type(exc).__name__, detail=str(exc)[:200])
             await leg.shutdown()
             return bad_request("cannot negotiate this offer (audio: Opus, PCMU or PCMA)", "bad_offer")
+        session.log.info("webrtc_media", **leg.track.media(codec), caller_ptime_ms=self.cfg.caller_ptime_ms)
         leg.spawn(leg.watch_ice(self.cfg.connect_timeout_s))
         return web.json_response({"sdp": self.answer_sdp(pc), "type": pc.localDescription.type,
                                   "call_id": session.call_id, "persona": session.persona.id})
@@ -440,11 +442,13 @@ class WebRtcTransport:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=drop_mdns_candidates(offer.sdp).sdp,
                                                                 type=offer.type))
             await pc.setLocalDescription(await pc.createAnswer())
-            held.track.sends(answered_audio_codec(pc.localDescription.sdp))
+            codec = answered_audio_codec(pc.localDescription.sdp)
+            held.track.sends(codec)
         except Exception as exc:
             log.warning("webrtc_bad_offer", error=type(exc).__name__, detail=str(exc)[:200])
             await held.leave()
             return bad_request("cannot negotiate this offer (audio: Opus, PCMU or PCMA)", "bad_offer")
+        log.info("webrtc_media", **held.track.media(codec), caller_ptime_ms=self.cfg.caller_ptime_ms)
         held.begin(self.cfg.connect_timeout_s)
         log.info("webrtc_queued", position=ticket.position)
         return web.json_response({"sdp": self.answer_sdp(pc), "type": pc.localDescription.type,

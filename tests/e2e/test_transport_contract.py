@@ -143,6 +143,7 @@ class Driver:
         self.transport, self.srv, self.speech, self.tmp = transport, srv, speech, tmp
         self.clears = 0
         self.refusal = None
+        self.answer = ""  # the WebRTC answer our caller got
 
     def call(self, number: str, seconds: float = 4.0, dtmf: str = "") -> tuple[bool, np.ndarray, int]:
         return getattr(self, "_" + self.transport)(number, seconds, dtmf)
@@ -170,6 +171,7 @@ class Driver:
             self.refusal = status
             if status != 200:
                 return False, np.zeros(0, np.float32), 48000
+            self.answer = c.body["sdp"]
             await asyncio.sleep(1.5)
             if dtmf:
                 c.channel.send(json.dumps({"type": "dtmf", "digit": dtmf}))
@@ -273,6 +275,10 @@ def test_call_speech_both_ways_barge_in_and_hang_up(driver, fake, one_utterance)
     call_lines = [ln for ln in lines if ln.get("call_id") == end["call_id"]]
     barge = next(ln for ln in call_lines if ln["event"] == "barge_in")
     t_barge = dt.datetime.fromisoformat(barge["timestamp"].replace("Z", "+00:00")).timestamp()
+    if driver.transport == "webrtc":  # Opus both ways in 40 ms packets: ours encoded by the track, the caller's asked for
+        media = next(ln for ln in call_lines if ln["event"] == "webrtc_media")
+        assert (media["codec"], media["packet_ms"], media["encoder"]) == ("audio/opus", 40, "agent"), media
+        assert "a=ptime:40" in driver.answer
     tap = "stream" if driver.transport in ("twilio", "telnyx") else driver.transport
     quiet_at, loud_again = sent_after_barge_in(lines, tap, t_barge)
     print(f"\nbarge-in {driver.transport}: quiet {1000 * (quiet_at - t_barge):.1f} ms after it, "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -73,6 +75,20 @@ def _live_sessions(n: int):
     return sessions
 
 
+@contextlib.contextmanager
+def _worker():
+    """A started VAD worker (verdicts ignored), stopped afterwards."""
+    from agent.barge_in.vad import VadVerdicts, VadWorker
+
+    worker = VadWorker(VadVerdicts(lambda s: None, lambda s: None))
+    worker.start()
+    try:
+        assert worker.wait_loaded()
+        yield worker
+    finally:
+        worker.stop()
+
+
 def test_audio_in_lumps_costs_one_forward_a_round(spoken_wav):
     """The SIP port hands a call's audio over once per engine tick (80 ms: two and a half
     chunks). Each round is still one forward of every call (the lump is worked off over the next
@@ -80,23 +96,16 @@ def test_audio_in_lumps_costs_one_forward_a_round(spoken_wav):
     the last ones too after the audio stops."""
     import time
 
-    from agent.barge_in.vad import VadVerdicts, VadWorker
-
     sessions = _live_sessions(6)
     speech = read_audio(spoken_wav, 24000)[: 48000]
-    worker = VadWorker(VadVerdicts(lambda s: None, lambda s: None))
-    worker.start()
-    try:
-        assert worker.wait_loaded()
+    with _worker() as worker:
         t0 = time.monotonic()
         for k, i in enumerate(range(0, len(speech), 1920)):
-            for j, s in enumerate(sessions):  # each call's tick at its own moment
+            for s in sessions:  # each call's tick at its own moment
                 worker.audio(s, speech[i:i + 1920])
                 time.sleep(0.08 / len(sessions))
             time.sleep(max(0.0, t0 + (k + 1) * 0.08 - time.monotonic()))
         time.sleep(0.4)
-    finally:
-        worker.stop()
     per_call = len(speech) * 2 // 3 // VAD_CHUNK
     assert worker.chunks >= 6 * (per_call - 1), (worker.chunks, per_call)
     assert worker.forwards <= worker.rounds * 1.1, (worker.forwards, worker.rounds)
@@ -109,20 +118,13 @@ def test_the_worker_runs_every_call_in_one_batch_per_chunk_time(spoken_wav):
     calls batched, not in a forward per call per packet."""
     import time
 
-    from agent.barge_in.vad import VadVerdicts, VadWorker
-
     sessions = _live_sessions(8)
     speech = read_audio(spoken_wav, 24000)[: 24000]
-    worker = VadWorker(VadVerdicts(lambda s: None, lambda s: None))
-    worker.start()
-    try:
-        assert worker.wait_loaded()
+    with _worker() as worker:
         for i in range(0, len(speech), 480):
             for s in sessions:
                 worker.audio(s, speech[i:i + 480])
                 time.sleep(0.0025)
         time.sleep(0.3)
-    finally:
-        worker.stop()
     assert worker.chunks >= 8 * (len(speech) * 2 // 3 // VAD_CHUNK - 1)  # every whole chunk of every call
     assert worker.rounds * 4 <= worker.chunks, (worker.rounds, worker.chunks)  # batched: 8 calls a round

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-import re
-
 import aiohttp
 import av
 import numpy as np
@@ -16,6 +14,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from telephony.audio.codecs import float_to_int16
 from telephony.audio.pacer import Pacer
+from telephony.webrtc.offer import audio_attribute
 from telephony.webrtc.tracks import RATE, TIME_BASE, OpusPackets
 
 
@@ -98,8 +97,8 @@ class WebRtcCaller:
             await self.pc.close()
             return self.status
         if self.source is not None:
-            asked = re.search(r"^a=ptime:(\d+)", self.body["sdp"], re.M)
-            self.source.ptime_ms = int(asked.group(1)) if asked else 20
+            asked = audio_attribute(self.body["sdp"], "ptime")
+            self.source.ptime_ms = int(asked) if asked and asked.isdigit() else 20
         await self.pc.setRemoteDescription(RTCSessionDescription(self.body["sdp"], self.body["type"]))
         return self.status
 
